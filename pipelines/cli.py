@@ -1,0 +1,138 @@
+"""The ``vit`` command."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from pipelines.config import ConfigError, dump_config, load_config
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(2)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """The open ViT platform: the Vision Transformer from raw corpus to registered model."""
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), help="YAML config file.")
+@click.argument("overrides", nargs=-1)
+def demo(config_path: str | None, overrides: tuple[str, ...]) -> None:
+    """Train a tiny ViT on scikit-learn's bundled handwritten digits; print held-out accuracy.
+
+    OVERRIDES are dotted settings, e.g. ``epochs=10 optim.lr=3e-3``.
+    """
+    from pipelines.demo import DigitsDemoConfig, run_digits_demo
+
+    try:
+        cfg = load_config(DigitsDemoConfig, config_path, overrides)
+    except ConfigError as err:
+        _fail(str(err))
+    import vit
+
+    try:
+        vit.model_config(cfg.model)
+    except ValueError as err:
+        _fail(f"model: {err}")
+    result = run_digits_demo(cfg, log=click.echo)
+    click.echo("")
+    click.echo(f"held-out top-1   {result.top1:.2%}  ({result.holdout_images} digits never seen in training)")
+    click.echo(f"held-out top-5   {result.top5:.2%}")
+    click.echo(f"training         {result.steps} steps in {result.seconds:.1f} s")
+    click.echo(f"checkpoint       {result.checkpoint}  (vit.load_model(path) loads it)")
+
+
+@main.command()
+@click.option("--meta/--no-meta", default=True, help="Count on the meta device (no memory used).")
+def models(meta: bool) -> None:
+    """List the named variants with their sizes and parameter counts (1000 classes, 224 px)."""
+    import vit
+
+    click.echo(f"{'name':<10} {'width':>5} {'depth':>5} {'heads':>5} {'mlp':>5} {'params':>9} {'GFLOPs':>7}")
+    for name in vit.list_models():
+        model = vit.create_model(name, device="meta" if meta else None)
+        c = model.config
+        click.echo(
+            f"{name:<10} {c.width:>5} {c.depth:>5} {c.num_heads:>5} {c.mlp_dim:>5} "
+            f"{model.num_params() / 1e6:>8.1f}M {model.flops_per_image() / 1e9:>7.1f}"
+        )
+
+
+@main.command()
+@click.argument("src")
+@click.argument("dst")
+@click.option("--model", "name", required=True, help='Variant of the weights, e.g. "B/16" or "R50+B/16".')
+@click.option("--num-classes", type=int, default=None, help="Classes of the new head (default: the checkpoint's).")
+@click.option("--img-size", type=int, default=224, show_default=True, help="Resolution; E_pos is resampled to it.")
+@click.option("--representation-size", type=int, default=None, help="Keep a pre-logits layer of this size.")
+@click.option("--pos-embed-method", type=click.Choice(["bilinear", "bicubic"]), default="bilinear", show_default=True)
+def convert(
+    src: str,
+    dst: str,
+    name: str,
+    num_classes: int | None,
+    img_size: int,
+    representation_size: int | None,
+    pos_embed_method: str,
+) -> None:
+    """Import released weights (.npz, timm, Hugging Face) into a vit-platform checkpoint DST."""
+    import vit
+    from vit.checkpoint import _read, detect_format
+
+    try:
+        raw, meta = _read(src)
+        fmt = detect_format(raw, meta)
+    except (OSError, ValueError) as err:
+        _fail(str(err))
+    if num_classes is None:
+        num_classes = _head_size(raw, fmt)
+    model = vit.create_model(
+        name, num_classes=num_classes, img_size=img_size, representation_size=representation_size, device="meta"
+    )
+    try:
+        report = vit.load_checkpoint(model, raw, pos_embed_method=pos_embed_method)
+    except ValueError as err:
+        _fail(str(err))
+    if report.reinitialized_head:
+        model.head.to_empty(device="cpu")
+        model.reset_head()
+    path = vit.save_checkpoint(model, dst)
+    click.echo(f"read {fmt} weights from {src}")
+    if report.resampled_pos_embed:
+        old, new = report.resampled_pos_embed
+        click.echo(f"resampled position embeddings {old[0]}x{old[1]} -> {new[0]}x{new[1]} ({pos_embed_method})")
+    if report.dropped:
+        click.echo(f"not loaded: {', '.join(report.dropped)}")
+    click.echo(f"wrote {path}: ViT-{name}, {model.num_params() / 1e6:.1f}M parameters, {num_classes} classes")
+
+
+def _head_size(raw: dict, fmt: str) -> int:
+    for key in ("head.weight", "classifier.weight"):
+        if key in raw:
+            return int(raw[key].shape[0])
+    for key in ("head/kernel", "img/head/kernel", "params/head/kernel"):
+        if key in raw:
+            return int(raw[key].shape[-1])
+    return 0
+
+
+@main.command("show-config")
+@click.argument("kind", type=click.Choice(["demo"]))
+@click.argument("overrides", nargs=-1)
+def show_config(kind: str, overrides: tuple[str, ...]) -> None:
+    """Print a job's resolved config as YAML (defaults plus OVERRIDES)."""
+    from pipelines.demo import DigitsDemoConfig
+
+    try:
+        click.echo(dump_config(load_config(DigitsDemoConfig, None, overrides)), nl=False)
+    except ConfigError as err:
+        _fail(str(err))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""The ``vit`` command, run as a user runs it (a subprocess of the installed console script)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+import vit
+
+VIT = shutil.which("vit", path=str(Path(sys.executable).parent)) or "vit"
+
+
+def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([VIT, *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def test_demo_learns_the_digits(tmp_path):
+    """A short demo run on the real bundled digits beats chance (10%) by far and saves a checkpoint."""
+    result = run("demo", "epochs=6", f"out_dir={tmp_path}/demo")
+    assert result.returncode == 0, result.stderr
+    top1 = float(re.search(r"held-out top-1\s+([\d.]+)%", result.stdout)[1])
+    assert top1 > 60.0, result.stdout
+    model = vit.load_model(tmp_path / "demo" / "model.safetensors")
+    assert model.config.in_chans == 1 and model.config.num_classes == 10
+
+
+def test_demo_rejects_a_bad_setting_by_name():
+    result = run("demo", "optim.lr=fast")
+    assert result.returncode == 2
+    assert "optim.lr" in result.stderr and "Traceback" not in result.stderr
+    result = run("demo", "model=Q/16")
+    assert result.returncode == 2 and "unknown model" in result.stderr
+
+
+def test_models_lists_variants_with_paper_sizes():
+    result = run("models")
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()[1:]}
+    assert rows["B/16"][5] == "86.6M" and rows["H/14"][5] == "632.0M"
+
+
+def test_convert_imports_and_resamples(tmp_path):
+    src = vit.create_model("Mu/8", img_size=32, num_classes=7)
+    torch.save(src.state_dict(), tmp_path / "timm.pth")
+    out = tmp_path / "converted.safetensors"
+    result = run("convert", str(tmp_path / "timm.pth"), str(out), "--model", "Mu/8", "--img-size", "48")
+    assert result.returncode == 0, result.stderr
+    assert "4x4 -> 6x6" in result.stdout
+    model = vit.load_model(out)
+    assert model.config.img_size == 48 and model.config.num_classes == 7
+    torch.testing.assert_close(model.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
+
+    result = run("convert", str(tmp_path / "timm.pth"), str(out), "--model", "Mu/8", "--num-classes", "3")
+    assert result.returncode == 0, result.stderr
+    assert "not loaded: head.weight, head.bias" in result.stdout
+    assert torch.count_nonzero(vit.load_model(out).head.weight) == 0
+
+    (tmp_path / "junk.pth").write_bytes(b"junk")
+    result = run("convert", str(tmp_path / "junk.pth"), str(out), "--model", "Mu/8")
+    assert result.returncode == 2 and "not a readable" in result.stderr

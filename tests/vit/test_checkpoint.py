@@ -1,0 +1,458 @@
+"""Checkpoint round trips in every format, with independent references.
+
+* ``.npz``: random weights in the JAX release layout, run through a NumPy implementation of the
+  paper's equations written here from the JAX code's conventions (not through our converter).
+* Hugging Face: ``transformers``' own ViT, loaded both ways, logits equal within 1e-5.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from scipy.special import erf
+
+import vit
+from vit.checkpoint import CheckpointMismatchError, detect_format
+
+transformers = pytest.importorskip("transformers")
+
+MU = dict(width=64, depth=2, num_heads=4, mlp_dim=128)
+
+
+def tiny(**overrides) -> vit.VisionTransformer:
+    fields = dict(img_size=32, patch_size=8, num_classes=5, head_zero_init=False, **MU)
+    fields.update(overrides)
+    return vit.VisionTransformer(vit.ViTConfig(**fields)).eval()
+
+
+def images(n=3, size=32, seed=0) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------ the JAX release format
+
+
+def random_npz_params(
+    *, width=64, depth=2, heads=4, mlp=128, patch=8, grid=4, classes=5, rep=None, naming="vit", seed=0
+):
+    """Random weights with the names and shapes of the original JAX checkpoints."""
+    rng = np.random.default_rng(seed)
+
+    def r(*shape, scale=0.1):
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    dh = width // heads
+    p = {
+        "embedding/kernel": r(patch, patch, 3, width),
+        "embedding/bias": r(width),
+        "cls": r(1, 1, width),
+        "Transformer/posembed_input/pos_embedding": r(1, grid * grid + 1, width),
+        "Transformer/encoder_norm/scale": 1 + r(width),
+        "Transformer/encoder_norm/bias": r(width),
+        "head/kernel": r(rep or width, classes),
+        "head/bias": r(classes),
+    }
+    if rep:
+        p["pre_logits/kernel"], p["pre_logits/bias"] = r(width, rep), r(rep)
+    # vision_transformer numbers Flax modules by position; big_vision by type.
+    ln0, ln1, attn, mlp_name = (
+        ("LayerNorm_0", "LayerNorm_2", "MultiHeadDotProductAttention_1", "MlpBlock_3")
+        if naming == "vit"
+        else ("LayerNorm_0", "LayerNorm_1", "MultiHeadDotProductAttention_0", "MlpBlock_0")
+    )
+    for i in range(depth):
+        b = f"Transformer/encoderblock_{i}/"
+        for ln in (ln0, ln1):
+            p[b + ln + "/scale"], p[b + ln + "/bias"] = 1 + r(width), r(width)
+        for name in ("query", "key", "value"):
+            p[f"{b}{attn}/{name}/kernel"], p[f"{b}{attn}/{name}/bias"] = r(width, heads, dh), r(heads, dh)
+        p[f"{b}{attn}/out/kernel"], p[f"{b}{attn}/out/bias"] = r(heads, dh, width), r(width)
+        p[f"{b}{mlp_name}/Dense_0/kernel"], p[f"{b}{mlp_name}/Dense_0/bias"] = r(width, mlp), r(mlp)
+        p[f"{b}{mlp_name}/Dense_1/kernel"], p[f"{b}{mlp_name}/Dense_1/bias"] = r(mlp, width), r(width)
+    return p, (ln0, ln1, attn, mlp_name)
+
+
+def numpy_vit_forward(p, names, x_nchw, *, patch, heads, depth, eps=1e-6, rep=False):
+    """The paper's eqs. (1)-(4) in NumPy on JAX-layout weights (NHWC, (in, out) kernels)."""
+    ln0, ln1, attn, mlp_name = names
+    x = x_nchw.transpose(0, 2, 3, 1).astype(np.float64)  # NHWC as in JAX
+    B, H, W, C = x.shape
+    gh, gw = H // patch, W // patch
+    patches = x.reshape(B, gh, patch, gw, patch, C).transpose(0, 1, 3, 2, 4, 5).reshape(B, gh * gw, -1)
+    tokens = patches @ p["embedding/kernel"].reshape(-1, p["embedding/kernel"].shape[-1]) + p["embedding/bias"]
+    cls = np.broadcast_to(p["cls"], (B, 1, tokens.shape[-1]))
+    z = np.concatenate([cls, tokens], axis=1) + p["Transformer/posembed_input/pos_embedding"]
+
+    def layer_norm(v, scale, bias):
+        mu = v.mean(-1, keepdims=True)
+        var = ((v - mu) ** 2).mean(-1, keepdims=True)
+        return (v - mu) / np.sqrt(var + eps) * scale + bias
+
+    def gelu(v):
+        return 0.5 * v * (1 + erf(v / np.sqrt(2)))
+
+    for i in range(depth):
+        b = f"Transformer/encoderblock_{i}/"
+        y = layer_norm(z, p[b + ln0 + "/scale"], p[b + ln0 + "/bias"])
+        q, k, v = (
+            np.einsum("btd,dhk->bthk", y, p[f"{b}{attn}/{n}/kernel"]) + p[f"{b}{attn}/{n}/bias"]
+            for n in ("query", "key", "value")
+        )
+        logits = np.einsum("bqhk,bshk->bhqs", q, k) / np.sqrt(q.shape[-1])
+        weights = np.exp(logits - logits.max(-1, keepdims=True))
+        weights /= weights.sum(-1, keepdims=True)
+        out = np.einsum("bhqs,bshk->bqhk", weights, v)
+        z = z + np.einsum("bqhk,hkd->bqd", out, p[f"{b}{attn}/out/kernel"]) + p[f"{b}{attn}/out/bias"]
+        y = layer_norm(z, p[b + ln1 + "/scale"], p[b + ln1 + "/bias"])
+        hidden = gelu(y @ p[f"{b}{mlp_name}/Dense_0/kernel"] + p[f"{b}{mlp_name}/Dense_0/bias"])
+        z = z + hidden @ p[f"{b}{mlp_name}/Dense_1/kernel"] + p[f"{b}{mlp_name}/Dense_1/bias"]
+    y = layer_norm(z, p["Transformer/encoder_norm/scale"], p["Transformer/encoder_norm/bias"])[:, 0]
+    if rep:
+        y = np.tanh(y @ p["pre_logits/kernel"] + p["pre_logits/bias"])
+    return y @ p["head/kernel"] + p["head/bias"]
+
+
+@pytest.mark.parametrize("naming", ["vit", "big_vision"])
+@pytest.mark.parametrize("rep", [None, 48])
+def test_npz_matches_numpy_reference(tmp_path, naming, rep):
+    params, names = random_npz_params(naming=naming, rep=rep)
+    if naming == "big_vision":  # big_vision nests the tower and keeps pos_embedding at the top
+        saved = {"img/" + k: v for k, v in params.items()}
+        saved["img/pos_embedding"] = saved.pop("img/Transformer/posembed_input/pos_embedding")
+    else:
+        saved = params
+    path = tmp_path / "ViT.npz"
+    np.savez(path, **saved)
+
+    model = tiny(representation_size=rep)
+    report = vit.load_checkpoint(model, path)
+    assert report.format == "npz" and not report.dropped and not report.reinitialized_head
+
+    x = images()
+    expected = numpy_vit_forward(params, names, x.numpy(), patch=8, heads=4, depth=2, rep=bool(rep))
+    with torch.no_grad():
+        got = model(x).double().numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_npz_scanned_layers_are_unstacked(tmp_path):
+    params, names = random_npz_params()
+    scanned = {k: v for k, v in params.items() if "encoderblock_" not in k}
+    block_keys = {k.split("/", 2)[2] for k in params if "encoderblock_" in k}
+    for rest in block_keys:
+        scanned["Transformer/encoderblock/" + rest] = np.stack(
+            [params[f"Transformer/encoderblock_{i}/{rest}"] for i in range(2)]
+        )
+    np.savez(tmp_path / "scan.npz", **scanned)
+    a, b = tiny(), tiny()
+    np.savez(tmp_path / "plain.npz", **params)
+    vit.load_checkpoint(a, tmp_path / "scan.npz")
+    vit.load_checkpoint(b, tmp_path / "plain.npz")
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(pa, pb), name
+
+
+def test_npz_fine_tune_at_higher_resolution(tmp_path):
+    """The paper's fine-tuning: drop pre-logits, new zero head, E_pos bilinearly resampled."""
+    params, _ = random_npz_params(rep=48)
+    np.savez(tmp_path / "ViT.npz", **params)
+    model = tiny(img_size=48, num_classes=3, head_zero_init=True)
+    report = vit.load_checkpoint(model, tmp_path / "ViT.npz")
+    assert report.resampled_pos_embed == ((4, 4), (6, 6))
+    assert report.reinitialized_head
+    assert set(report.dropped) == {"pre_logits.fc.weight", "pre_logits.fc.bias", "head.weight", "head.bias"}
+    assert torch.count_nonzero(model.head.weight) == 0
+    # class token embedding untouched; the grid part is resampled, not copied
+    saved_pos = torch.from_numpy(params["Transformer/posembed_input/pos_embedding"])
+    assert torch.equal(model.pos_embed[:, :1], saved_pos[:, :1])
+    assert model.pos_embed.shape == (1, 37, 64)
+    # corners of an align_corners bilinear resample are the original corners
+    old = saved_pos[0, 1:].reshape(4, 4, 64)
+    new = model.pos_embed[0, 1:].detach().reshape(6, 6, 64)
+    for (i, j), (k, l) in [((0, 0), (0, 0)), ((0, 3), (0, 5)), ((3, 0), (5, 0)), ((3, 3), (5, 5))]:
+        torch.testing.assert_close(new[k, l], old[i, j])
+
+
+def test_npz_hybrid_keys_map_onto_the_resnet_stem(tmp_path):
+    model = vit.create_model("R26+Mu/32", img_size=64, num_classes=5)
+    sd = model.state_dict()
+    params = {}
+
+    def kernel(t):  # torch (out, in, kh, kw) -> JAX (kh, kw, in, out)
+        return t.numpy().transpose(2, 3, 1, 0)
+
+    rng = np.random.default_rng(0)
+    for name, t in sd.items():
+        sd[name] = torch.from_numpy(rng.standard_normal(t.shape).astype(np.float32))
+    params["conv_root/kernel"] = kernel(sd["stem.stem.conv.weight"])
+    params["gn_root/scale"], params["gn_root/bias"] = (
+        sd["stem.stem.norm.weight"].numpy(),
+        sd["stem.stem.norm.bias"].numpy(),
+    )
+    for s, stage in enumerate(model.stem.stages):
+        for u, block in enumerate(stage.blocks):
+            ours = f"stem.stages.{s}.blocks.{u}."
+            jax = f"block{s + 1}/unit{u + 1}/"
+            for i in (1, 2, 3):
+                params[f"{jax}conv{i}/kernel"] = kernel(sd[f"{ours}conv{i}.weight"])
+                params[f"{jax}gn{i}/scale"] = sd[f"{ours}norm{i}.weight"].numpy()
+                params[f"{jax}gn{i}/bias"] = sd[f"{ours}norm{i}.bias"].numpy()
+            if block.downsample is not None:
+                params[f"{jax}conv_proj/kernel"] = kernel(sd[f"{ours}downsample.conv.weight"])
+                params[f"{jax}gn_proj/scale"] = sd[f"{ours}downsample.norm.weight"].numpy()
+                params[f"{jax}gn_proj/bias"] = sd[f"{ours}downsample.norm.bias"].numpy()
+    vit_params, _ = random_npz_params(patch=1, grid=2, depth=4)
+    vit_params["embedding/kernel"] = kernel(sd["patch_embed.proj.weight"])
+    params.update(vit_params)
+    np.savez(tmp_path / "R26.npz", **params)
+    report = vit.load_checkpoint(model, tmp_path / "R26.npz")
+    assert report.format == "npz" and not report.missing
+    for name in ("stem.stem.conv.weight", "stem.stages.1.blocks.0.downsample.conv.weight", "patch_embed.proj.weight"):
+        assert torch.equal(model.state_dict()[name], sd[name]), name
+
+
+# ------------------------------------------------------------------ Hugging Face parity
+
+
+def hf_config(**overrides):
+    fields = dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        image_size=32,
+        patch_size=8,
+        num_labels=5,
+        layer_norm_eps=1e-6,
+        hidden_act="gelu",
+        attn_implementation="eager",
+    )
+    fields.update(overrides)
+    attn = fields.pop("attn_implementation")
+    cfg = transformers.ViTConfig(**fields)
+    cfg._attn_implementation = attn
+    return cfg
+
+
+def test_hf_weights_into_ours_give_the_same_logits():
+    torch.manual_seed(1)
+    hf = transformers.ViTForImageClassification(hf_config()).eval()
+    ours = tiny()
+    report = vit.load_checkpoint(ours, hf.state_dict())
+    assert report.format == "hf" and not report.dropped
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), hf(pixel_values=x).logits, atol=1e-5, rtol=0)
+
+
+def test_our_weights_into_hf_give_the_same_logits():
+    torch.manual_seed(2)
+    ours = tiny()
+    hf = transformers.ViTForImageClassification(hf_config()).eval()
+    result = hf.load_state_dict(vit.to_hf_state_dict(ours, legacy_names=False))
+    assert not result.missing_keys and not result.unexpected_keys
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(pixel_values=x).logits, ours(x), atol=1e-5, rtol=0)
+
+
+def test_hub_layout_folder_round_trip(tmp_path):
+    """Legacy Hub names in a save_pretrained folder: transformers reads them, and so do we."""
+    from safetensors.torch import save_file
+
+    ours = tiny()
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    save_file(vit.to_hf_state_dict(ours), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    hf_config().save_pretrained(folder)
+    hf = transformers.ViTForImageClassification.from_pretrained(folder).eval()
+    back = tiny()
+    assert vit.load_checkpoint(back, folder).format == "hf"
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(pixel_values=x).logits, ours(x), atol=1e-5, rtol=0)
+        torch.testing.assert_close(back(x), ours(x), atol=0, rtol=0)
+
+
+def test_hf_vit_model_pooler_is_the_pre_logits_layer():
+    torch.manual_seed(3)
+    hf = transformers.ViTModel(hf_config()).eval()
+    ours = tiny(num_classes=0, representation_size=64)
+    vit.load_checkpoint(ours, hf.state_dict())
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), hf(pixel_values=x).pooler_output, atol=1e-5, rtol=0)
+    # without a representation layer the pooler is dropped, and said so
+    report = vit.load_checkpoint(tiny(num_classes=0), hf.state_dict())
+    assert report.dropped == ["pre_logits.fc.weight", "pre_logits.fc.bias"]
+
+
+def test_hf_export_refuses_what_hf_cannot_hold():
+    with pytest.raises(ValueError, match="class token"):
+        vit.to_hf_state_dict(tiny(pool="gap"))
+    with pytest.raises(ValueError, match="pre-logits"):
+        vit.to_hf_state_dict(tiny(representation_size=32))
+
+
+# ------------------------------------------------------------------ our format and timm
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_own_format_round_trip(tmp_path, suffix):
+    model = tiny(pool="gap", representation_size=32, drop_path=0.1)
+    path = vit.save_checkpoint(model, tmp_path / f"sub/model{suffix}")
+    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
+    loaded = vit.load_model(path).eval()
+    assert loaded.config == model.config
+    x = images()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    # fine-tuning overrides: new grid and a new head
+    bigger = vit.load_model(path, img_size=48, num_classes=2)
+    assert bigger.pos_embed.shape == (1, 36, 64) and bigger.head.out_features == 2
+
+
+def test_timm_state_dicts_load(tmp_path):
+    from safetensors.torch import save_file
+
+    model = tiny()
+    sd = model.state_dict()
+    torch.save(sd, tmp_path / "timm.pth")
+    save_file(sd, str(tmp_path / "timm.safetensors"))
+    torch.save({"state_dict": {"module." + k: v for k, v in sd.items()}, "epoch": 3}, tmp_path / "train.pth.tar")
+    x = images()
+    for name in ("timm.pth", "timm.safetensors", "train.pth.tar"):
+        other = tiny()
+        assert vit.load_checkpoint(other, tmp_path / name).format == "timm"
+        with torch.no_grad():
+            assert torch.equal(other(x), model(x)), name
+
+
+def test_timm_hybrid_backbone_prefix():
+    model = vit.create_model("R26+Mu/32", img_size=64, num_classes=5, head_zero_init=False).eval()
+    timm_sd = {
+        k.replace("stem.stem.", "patch_embed.backbone.stem.").replace("stem.stages.", "patch_embed.backbone.stages."): v
+        for k, v in model.state_dict().items()
+    }
+    assert any(k.startswith("patch_embed.backbone.stages.0.blocks.0.downsample.conv") for k in timm_sd)
+    other = vit.create_model("R26+Mu/32", img_size=64, num_classes=5).eval()
+    vit.load_checkpoint(other, timm_sd)
+    x = images(size=64)
+    with torch.no_grad():
+        assert torch.equal(other(x), model(x))
+
+
+def test_timm_variants_that_are_not_the_paper_model_are_refused():
+    sd = tiny().state_dict()
+    sd["fc_norm.weight"] = torch.ones(64)
+    with pytest.raises(ValueError, match="fc_norm"):
+        vit.load_checkpoint(tiny(), sd)
+
+
+# ------------------------------------------------------------------ errors and safety
+
+
+def test_mismatch_names_missing_unexpected_and_shapes():
+    deeper = tiny(depth=3).state_dict()
+    with pytest.raises(CheckpointMismatchError) as err:
+        vit.load_checkpoint(tiny(), deeper)
+    assert "blocks.2.attn.qkv.weight" in err.value.unexpected
+    assert "unexpected keys (12)" in str(err.value)
+
+    with pytest.raises(CheckpointMismatchError) as err:
+        vit.load_checkpoint(tiny(depth=3), tiny().state_dict())
+    assert "blocks.2.mlp.fc1.weight" in err.value.missing
+
+    wider_mlp = tiny(mlp_dim=256).state_dict()
+    with pytest.raises(CheckpointMismatchError) as err:
+        vit.load_checkpoint(tiny(), wider_mlp)
+    assert any(m.startswith("blocks.0.mlp.fc1.weight") for m in err.value.mismatched)
+
+
+def test_strict_false_loads_what_fits_and_reports_the_rest():
+    src = tiny(depth=2)
+    dst = tiny(depth=3)
+    before = dst.blocks[2].mlp.fc1.weight.clone()
+    report = vit.load_checkpoint(dst, src.state_dict(), strict=False)
+    assert "blocks.2.mlp.fc1.weight" in report.missing
+    assert torch.equal(dst.blocks[0].mlp.fc1.weight, src.blocks[0].mlp.fc1.weight)
+    assert torch.equal(dst.blocks[2].mlp.fc1.weight, before)
+
+
+def test_failed_strict_load_changes_nothing():
+    dst = tiny(depth=3)
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    with pytest.raises(CheckpointMismatchError):
+        vit.load_checkpoint(dst, tiny(depth=2).state_dict())
+    assert all(torch.equal(before[k], v) for k, v in dst.state_dict().items())
+
+
+def test_meta_model_gets_tensors_assigned():
+    src = tiny()
+    meta = vit.VisionTransformer(src.config, device="meta")
+    vit.load_checkpoint(meta, src.state_dict())
+    assert not any(p.is_meta for p in meta.parameters())
+    x = images()
+    with torch.no_grad():
+        assert torch.equal(meta.eval()(x), src(x))
+
+
+class _Boom:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /tmp/vit-pwned",))
+
+
+def test_hostile_pickle_is_refused(tmp_path):
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as f:
+        pickle.dump({"patch_embed.proj.weight": _Boom()}, f)
+    with pytest.raises(ValueError, match="weights-only"):
+        vit.load_checkpoint(tiny(), path)
+    assert not os.path.exists("/tmp/vit-pwned")
+
+
+def test_npz_with_object_arrays_is_refused(tmp_path):
+    np.savez(tmp_path / "evil.npz", cls=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(ValueError, match="pickle"):
+        vit.load_checkpoint(tiny(), tmp_path / "evil.npz")
+
+
+def test_garbage_and_missing_files_give_clear_errors(tmp_path):
+    (tmp_path / "junk.pth").write_bytes(b"\x00not a checkpoint" * 10)
+    with pytest.raises(ValueError, match="not a readable"):
+        vit.load_checkpoint(tiny(), tmp_path / "junk.pth")
+    with pytest.raises(FileNotFoundError):
+        vit.load_checkpoint(tiny(), tmp_path / "absent.pth")
+    with pytest.raises(ValueError, match="unrecognised checkpoint format"):
+        vit.load_checkpoint(tiny(), {"foo.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match="not a vit-platform checkpoint"):
+        torch.save(tiny().state_dict(), tmp_path / "timm.pth")
+        vit.load_model(tmp_path / "timm.pth")
+
+
+def test_file_objects_and_detection():
+    buffer = io.BytesIO()
+    model = tiny()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    assert vit.load_checkpoint(tiny(), buffer).format == "timm"
+    params, _ = random_npz_params()
+    npz_buffer = io.BytesIO()
+    np.savez(npz_buffer, **params)
+    npz_buffer.seek(0)
+    assert vit.load_checkpoint(tiny(), npz_buffer).format == "npz"
+    assert detect_format(params) == "npz"
+
+
+def test_bicubic_resampling_on_load():
+    src = tiny()
+    dst = tiny(img_size=48)
+    report = vit.load_checkpoint(dst, src.state_dict(), pos_embed_method="bicubic")
+    assert report.resampled_pos_embed == ((4, 4), (6, 6))
+    expected = vit.resample_pos_embed(src.pos_embed, (6, 6), method="bicubic")
+    assert torch.equal(dst.pos_embed, expected)

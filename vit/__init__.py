@@ -1,0 +1,36 @@
+"""The Vision Transformer (Dosovitskiy et al., ICLR 2021) in plain PyTorch.
+
+    import vit
+    model = vit.create_model("B/16", num_classes=10, img_size=384)
+    vit.load_checkpoint(model, "ViT-B_16.npz")   # original .npz, timm or Hugging Face weights
+
+This package imports neither Ray nor MLflow: parallelism, storage and tracking live in ``pipelines``.
+"""
+
+from vit.checkpoint import (
+    CheckpointMismatchError,
+    LoadReport,
+    load_checkpoint,
+    load_model,
+    save_checkpoint,
+    to_hf_state_dict,
+)
+from vit.model import VisionTransformer, ViTConfig
+from vit.posemb import resample_pos_embed
+from vit.variants import create_model, decode_variant, list_models, model_config
+
+__all__ = [
+    "CheckpointMismatchError",
+    "LoadReport",
+    "ViTConfig",
+    "VisionTransformer",
+    "create_model",
+    "decode_variant",
+    "list_models",
+    "load_checkpoint",
+    "load_model",
+    "model_config",
+    "resample_pos_embed",
+    "save_checkpoint",
+    "to_hf_state_dict",
+]

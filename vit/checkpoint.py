@@ -1,0 +1,550 @@
+"""Save and load ViT weights: our own format and the released ones.
+
+Formats read (detected from the keys, not the file name):
+
+* ``vit``   -- ours: ``save_checkpoint`` output (``.safetensors`` or ``.pt``), config included.
+* ``timm``  -- timm ``VisionTransformer`` state dicts (``.pth``, ``.bin``, ``.safetensors``). Our
+  module names are timm's, so only hybrids (``patch_embed.backbone.*``) are renamed.
+* ``npz``   -- the original JAX release (google-research/vision_transformer and big_vision):
+  ``Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel``, ``pre_logits/kernel``.
+* ``hf``    -- Hugging Face ``ViTModel`` / ``ViTForImageClassification`` (a file or a
+  ``save_pretrained`` folder, sharded or not).
+
+Loading adapts what fine-tuning needs: the classifier is dropped and re-initialised when the class
+count differs, the pre-logits layer is dropped when the model has none (the paper's fine-tuning),
+and position embeddings are resampled when the patch grid differs. Anything else that does not fit
+raises :class:`CheckpointMismatchError` naming the missing, unexpected and mis-shaped keys.
+
+Nothing here unpickles arbitrary objects: ``torch.load(weights_only=True)``,
+``np.load(allow_pickle=False)`` and safetensors only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import torch
+
+from vit.model import VisionTransformer, ViTConfig
+from vit.posemb import ResampleMethod, infer_grid, resample_pos_embed
+
+FORMAT_NAME = "vit-platform"
+FORMAT_VERSION = 1
+
+StateDict = dict[str, torch.Tensor]
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint's tensors do not fit the model; lists what is missing, extra or mis-shaped."""
+
+    def __init__(self, fmt: str, missing: list[str], unexpected: list[str], mismatched: list[str]):
+        self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
+
+        def show(title: str, items: list[str]) -> str:
+            if not items:
+                return ""
+            more = f" ... and {len(items) - 12} more" if len(items) > 12 else ""
+            return f"\n  {title} ({len(items)}): " + ", ".join(items[:12]) + more
+
+        super().__init__(
+            f"{fmt} checkpoint does not fit the model"
+            + show("missing keys", missing)
+            + show("unexpected keys", unexpected)
+            + show("shape mismatches", mismatched)
+        )
+
+
+@dataclass
+class LoadReport:
+    """What ``load_checkpoint`` did, for logs and tests."""
+
+    format: str
+    resampled_pos_embed: tuple[tuple[int, int], tuple[int, int]] | None = None  # (old grid, new grid)
+    reinitialized_head: bool = False
+    dropped: list[str] = field(default_factory=list)  # checkpoint keys deliberately not loaded
+    missing: list[str] = field(default_factory=list)  # only with strict=False
+    unexpected: list[str] = field(default_factory=list)  # only with strict=False
+    config: dict | None = None  # the saved ViTConfig (our format only)
+
+
+# ---------------------------------------------------------------------------- reading files
+
+
+def _read(src: str | os.PathLike | BinaryIO | Mapping) -> tuple[dict[str, Any], dict]:
+    """Tensors (or arrays) by name, plus metadata, from a path, a folder, a file object or a dict."""
+    if isinstance(src, Mapping):
+        return _unwrap(dict(src))
+    if hasattr(src, "read"):
+        head = src.read(8)
+        src.seek(0)
+        if head[:2] == b"PK" and not _is_torch_zip(src):
+            with np.load(src, allow_pickle=False) as npz:
+                return {k: npz[k] for k in npz.files}, {}
+        return _unwrap(torch.load(src, map_location="cpu", weights_only=True))
+    path = Path(src)
+    if path.is_dir():
+        return _read_folder(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}, {}
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # UnpicklingError for hostile files, RuntimeError for garbage
+        raise ValueError(f"{path} is not a readable weights-only PyTorch checkpoint: {err}") from err
+    return _unwrap(loaded)
+
+
+def _is_torch_zip(f: BinaryIO) -> bool:
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(f) as z:
+            return any(n.endswith("data.pkl") for n in z.namelist())
+    finally:
+        f.seek(0)
+
+
+def _read_folder(path: Path) -> tuple[dict[str, Any], dict]:
+    """A Hugging Face ``save_pretrained`` folder (single file or sharded with an index)."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = path / index_name
+        if index.exists():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            state: dict[str, Any] = {}
+            for shard in shards:
+                state.update(_read(path / shard)[0])
+            return state, {}
+    for name in ("model.safetensors", "pytorch_model.bin", "model.pt", "model.pth"):
+        if (path / name).exists():
+            return _read(path / name)
+    raise FileNotFoundError(f"no weights file in folder {path}")
+
+
+def _unwrap(obj: Any) -> tuple[dict[str, Any], dict]:
+    """Find the state dict inside training checkpoints ({'model': ...}, {'state_dict': ...})."""
+    meta: dict = {}
+    if isinstance(obj, Mapping) and obj.get("format") == FORMAT_NAME:
+        meta = {"format": FORMAT_NAME, "config": json.dumps(obj.get("config"))}
+        obj = obj["state_dict"]
+    for key in ("state_dict", "model", "module", "state_dict_ema", "model_ema"):
+        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+            break
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor | np.ndarray) for v in obj.values()):
+        raise ValueError("checkpoint holds no state dict (a mapping of names to tensors)")
+    state = dict(obj)
+    # DDP and torch.compile prefixes
+    for prefix in ("module.", "_orig_mod."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix) :]: v for k, v in state.items()}
+    return state, meta
+
+
+def _tensor(value: Any) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    array = np.asarray(value)
+    if array.dtype.kind not in "fiub":
+        raise ValueError(f"unsupported array dtype {array.dtype}")
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+# ---------------------------------------------------------------------------- format detection
+
+
+def detect_format(state: Mapping[str, Any], meta: Mapping | None = None) -> str:
+    """'vit', 'timm', 'npz' or 'hf' from the names of the tensors."""
+    if meta and meta.get("format") == FORMAT_NAME:
+        return "vit"
+    keys = list(state)
+    if any("encoderblock" in k or k.endswith("embedding/kernel") for k in keys):
+        return "npz"
+    if any("embeddings.patch_embeddings" in k or ".attention.attention.query" in k for k in keys):
+        return "hf"
+    if any(k.startswith(("patch_embed.", "blocks.")) for k in keys):
+        return "timm"
+    sample = ", ".join(keys[:5])
+    raise ValueError(f"unrecognised checkpoint format (first keys: {sample}); expected ours, timm, .npz or HF ViT")
+
+
+# ---------------------------------------------------------------------------- converters
+
+
+def _from_timm(state: Mapping[str, Any]) -> StateDict:
+    out: StateDict = {}
+    for key, value in state.items():
+        if key.startswith(("fc_norm.", "norm_pre.", "reg_token", "attn_pool.")):
+            raise ValueError(
+                f"timm checkpoint has {key!r}: that ViT variant (pool-then-norm, registers or attention "
+                "pooling) is not the paper's model and is not supported"
+            )
+        key = key.replace("patch_embed.backbone.stem.", "stem.stem.").replace(
+            "patch_embed.backbone.stages.", "stem.stages."
+        )
+        if key.startswith("patch_embed.backbone.norm."):
+            continue  # identity in the post-activation hybrid; no tensors in practice
+        out[key] = _tensor(value)
+    return out
+
+
+_NPZ_PREFIXES = ("params/", "opt/target/", "img/")
+
+
+def _from_npz(state: Mapping[str, Any]) -> StateDict:
+    """Original JAX release names (vision_transformer and big_vision) to ours."""
+    arrays: dict[str, np.ndarray] = {}
+    for key, value in state.items():
+        for prefix in _NPZ_PREFIXES:
+            key = key.removeprefix(prefix)
+        arrays[key] = np.asarray(value)
+    arrays = _unscan_blocks(arrays)
+
+    out: StateDict = {}
+
+    def put(name: str, array: np.ndarray) -> None:
+        out[name] = torch.from_numpy(np.ascontiguousarray(array))
+
+    def conv(kernel: np.ndarray) -> np.ndarray:  # (kh, kw, in, out) -> (out, in, kh, kw)
+        return kernel.transpose(3, 2, 0, 1)
+
+    block_modules: dict[int, dict[str, dict[str, np.ndarray]]] = {}
+    block_re = re.compile(r"^Transformer/encoderblock_(\d+)/([^/]+)/(.+)$")
+    unit_re = re.compile(r"^block(\d+)/unit(\d+)/(conv|gn)(\d|_proj)/(kernel|scale|bias)$")
+    for key, a in arrays.items():
+        if m := block_re.match(key):
+            block_modules.setdefault(int(m[1]), {}).setdefault(m[2], {})[m[3]] = a
+        elif key == "embedding/kernel":
+            put("patch_embed.proj.weight", conv(a))
+        elif key == "embedding/bias":
+            put("patch_embed.proj.bias", a)
+        elif key == "cls":
+            put("cls_token", a)
+        elif key in ("Transformer/posembed_input/pos_embedding", "pos_embedding"):
+            put("pos_embed", a)
+        elif key.startswith("Transformer/encoder_norm/"):
+            put("norm.weight" if key.endswith("scale") else "norm.bias", a)
+        elif key in ("pre_logits/kernel", "head/kernel"):
+            put(key.split("/")[0].replace("pre_logits", "pre_logits.fc") + ".weight", a.T)
+        elif key in ("pre_logits/bias", "head/bias"):
+            put(key.split("/")[0].replace("pre_logits", "pre_logits.fc") + ".bias", a)
+        elif key == "conv_root/kernel":
+            put("stem.stem.conv.weight", conv(a))
+        elif key.startswith("gn_root/"):
+            put("stem.stem.norm." + ("weight" if key.endswith("scale") else "bias"), a)
+        elif m := unit_re.match(key):
+            stage, unit, kind, idx, param = int(m[1]) - 1, int(m[2]) - 1, m[3], m[4], m[5]
+            prefix = f"stem.stages.{stage}.blocks.{unit}."
+            if idx == "_proj":
+                prefix += "downsample." + ("conv" if kind == "conv" else "norm")
+            else:
+                prefix += ("conv" if kind == "conv" else "norm") + idx
+            put(
+                prefix + ".weight" if param in ("kernel", "scale") else prefix + ".bias",
+                conv(a) if kind == "conv" else a,
+            )
+        elif key.startswith("MAPHead"):
+            raise ValueError(f"npz checkpoint has an attention-pooling head ({key}); not the paper's model")
+        else:
+            out["__unconverted__/" + key] = torch.from_numpy(np.ascontiguousarray(a))
+
+    for i, modules in sorted(block_modules.items()):
+        p = f"blocks.{i}."
+        norms = sorted((k for k in modules if k.startswith("LayerNorm_")), key=lambda k: int(k.split("_")[1]))
+        attn = [k for k in modules if k.startswith("MultiHeadDotProductAttention")]
+        mlp = [k for k in modules if k.startswith("MlpBlock")]
+        if len(norms) != 2 or len(attn) != 1 or len(mlp) != 1:
+            raise ValueError(f"npz block {i} has unexpected modules: {sorted(modules)}")
+        for name, target in zip(norms, ("norm1", "norm2")):
+            put(p + target + ".weight", modules[name]["scale"])
+            put(p + target + ".bias", modules[name]["bias"])
+        a = modules[attn[0]]
+        D = a["query/kernel"].shape[0]
+        # (D, H, Dh) kernels -> one (3D, D) torch weight; rows are [q heads..., k heads..., v heads...]
+        put(
+            p + "attn.qkv.weight",
+            np.concatenate([a[f"{n}/kernel"].reshape(D, -1).T for n in ("query", "key", "value")]),
+        )
+        if "query/bias" in a:
+            put(p + "attn.qkv.bias", np.concatenate([a[f"{n}/bias"].reshape(-1) for n in ("query", "key", "value")]))
+        put(p + "attn.proj.weight", a["out/kernel"].reshape(-1, D).T)
+        put(p + "attn.proj.bias", a["out/bias"])
+        m_ = modules[mlp[0]]
+        put(p + "mlp.fc1.weight", m_["Dense_0/kernel"].T)
+        put(p + "mlp.fc1.bias", m_["Dense_0/bias"])
+        put(p + "mlp.fc2.weight", m_["Dense_1/kernel"].T)
+        put(p + "mlp.fc2.bias", m_["Dense_1/bias"])
+    return out
+
+
+def _unscan_blocks(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """big_vision's ``scan_layers`` stores all blocks stacked under ``encoderblock/``; split them."""
+    scanned = {k: v for k, v in arrays.items() if k.startswith("Transformer/encoderblock/")}
+    if not scanned:
+        return arrays
+    out = {k: v for k, v in arrays.items() if k not in scanned}
+    for key, value in scanned.items():
+        rest = key.removeprefix("Transformer/encoderblock/")
+        for i in range(value.shape[0]):
+            out[f"Transformer/encoderblock_{i}/{rest}"] = value[i]
+    return out
+
+
+# Per-block names: Hugging Face checkpoints on the Hub (transformers 4) and transformers 5 modules.
+_HF_BLOCK_LEGACY = {
+    "layernorm_before": "norm1",
+    "layernorm_after": "norm2",
+    "attention.attention.query": "q",
+    "attention.attention.key": "k",
+    "attention.attention.value": "v",
+    "attention.output.dense": "attn.proj",
+    "intermediate.dense": "mlp.fc1",
+    "output.dense": "mlp.fc2",
+}
+_HF_BLOCK_V5 = {
+    "layernorm_before": "norm1",
+    "layernorm_after": "norm2",
+    "attention.q_proj": "q",
+    "attention.k_proj": "k",
+    "attention.v_proj": "v",
+    "attention.o_proj": "attn.proj",
+    "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2",
+}
+_HF_TOP = {
+    "embeddings.cls_token": "cls_token",
+    "embeddings.position_embeddings": "pos_embed",
+    "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+    "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+    "layernorm.weight": "norm.weight",
+    "layernorm.bias": "norm.bias",
+    "pooler.dense.weight": "pre_logits.fc.weight",
+    "pooler.dense.bias": "pre_logits.fc.bias",
+    "classifier.weight": "head.weight",
+    "classifier.bias": "head.bias",
+}
+
+
+def _from_hf(state: Mapping[str, Any]) -> StateDict:
+    out: StateDict = {}
+    qkv: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    layer_re = re.compile(r"^(?:encoder\.layer|layers)\.(\d+)\.(.+)\.(weight|bias)$")
+    for key, value in state.items():
+        t = _tensor(value)
+        key = key.removeprefix("vit.")
+        if key == "embeddings.mask_token":
+            continue  # only used for masked-image-modelling pretraining
+        if m := layer_re.match(key):
+            i, module, param = int(m[1]), m[2], m[3]
+            ours = (_HF_BLOCK_LEGACY if key.startswith("encoder.") else _HF_BLOCK_V5).get(module)
+            if ours in ("q", "k", "v"):
+                qkv.setdefault((i, param), {})[ours] = t
+            elif ours:
+                out[f"blocks.{i}.{ours}.{param}"] = t
+            else:
+                out["__unconverted__/" + key] = t
+            continue
+        out[_HF_TOP.get(key) or "__unconverted__/" + key] = t
+    for (i, param), parts in qkv.items():
+        if set(parts) != {"q", "k", "v"}:
+            raise ValueError(f"HF layer {i} is missing some of query/key/value {param}")
+        out[f"blocks.{i}.attn.qkv.{param}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    return out
+
+
+_CONVERTERS = {"vit": _from_timm, "timm": _from_timm, "npz": _from_npz, "hf": _from_hf}
+
+
+def to_hf_state_dict(
+    model: VisionTransformer, *, for_classification: bool = True, legacy_names: bool = True
+) -> StateDict:
+    """Our weights under Hugging Face names.
+
+    ``for_classification``: ``ViTForImageClassification`` (``vit.`` prefix, ``classifier``) or
+    ``ViTModel`` (whose tanh pooler is our pre-logits layer). ``legacy_names``: the names of the
+    checkpoints on the Hub, which every transformers version's ``from_pretrained`` reads; False
+    gives transformers 5's module names, for ``load_state_dict`` on an instantiated v5 model.
+    """
+    cfg = model.config
+    if cfg.resnet_layers is not None or cfg.pool != "cls":
+        raise ValueError("Hugging Face ViT has a class token and no ResNet stem: only pure cls-token models export")
+    if not cfg.qkv_bias:
+        raise ValueError("Hugging Face ViT always has q/k/v biases; this model has qkv_bias=False")
+    if for_classification and cfg.representation_size:
+        raise ValueError("ViTForImageClassification has no pre-logits layer; export with for_classification=False")
+    prefix = "vit." if for_classification else ""
+    block_names, layer = (_HF_BLOCK_LEGACY, "encoder.layer") if legacy_names else (_HF_BLOCK_V5, "layers")
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    out: StateDict = {}
+    for hf_name, ours in _HF_TOP.items():
+        if ours not in sd:
+            continue
+        if hf_name.startswith("classifier"):  # only ViTForImageClassification has a classifier
+            if for_classification:
+                out[hf_name] = sd[ours]
+        elif hf_name.startswith("pooler"):  # only ViTModel has a pooler
+            if not for_classification:
+                out[hf_name] = sd[ours]
+        else:
+            out[prefix + hf_name] = sd[ours]
+    for i in range(cfg.depth):
+        q_k_v = dict(
+            zip("qkv", zip(sd[f"blocks.{i}.attn.qkv.weight"].chunk(3), sd[f"blocks.{i}.attn.qkv.bias"].chunk(3)))
+        )
+        for hf_name, ours in block_names.items():
+            for j, param in enumerate(("weight", "bias")):
+                value = q_k_v[ours][j] if ours in q_k_v else sd[f"blocks.{i}.{ours}.{param}"]
+                out[f"{prefix}{layer}.{i}.{hf_name}.{param}"] = value.clone()
+    return out
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def load_checkpoint(
+    model: VisionTransformer,
+    src: str | os.PathLike | BinaryIO | Mapping[str, Any],
+    *,
+    strict: bool = True,
+    pos_embed_method: ResampleMethod = "bilinear",
+) -> LoadReport:
+    """Load weights of any supported format into ``model``, adapting head and position embeddings.
+
+    With ``strict=True`` (the default) nothing is loaded unless every model tensor is accounted
+    for; the error names the missing, unexpected and mis-shaped keys. A model on the meta device
+    gets the checkpoint's tensors assigned (no copy into empty storage).
+    """
+    raw, meta = _read(src)
+    return _load_state(model, raw, meta, strict=strict, pos_embed_method=pos_embed_method)
+
+
+def _load_state(
+    model: VisionTransformer, raw: Mapping[str, Any], meta: Mapping, *, strict: bool, pos_embed_method: ResampleMethod
+) -> LoadReport:
+    fmt = detect_format(raw, meta)
+    state = _CONVERTERS[fmt](raw)
+    report = LoadReport(format=fmt)
+    if meta.get("config"):
+        report.config = json.loads(meta["config"])
+
+    target = model.state_dict()
+    # The paper fine-tunes without the pretraining representation layer.
+    if "pre_logits.fc.weight" in state and "pre_logits.fc.weight" not in target:
+        report.dropped += [k for k in state if k.startswith("pre_logits.")]
+    # A new task: the classifier is replaced by a freshly initialised one.
+    head_fits = all(k in state and state[k].shape == target[k].shape for k in target if k.startswith("head."))
+    if not head_fits or not any(k.startswith("head.") for k in target):
+        report.dropped += [k for k in state if k.startswith("head.")]
+        report.reinitialized_head = any(k.startswith("head.") for k in target)
+    state = {k: v for k, v in state.items() if k not in report.dropped}
+
+    if "pos_embed" in state and state["pos_embed"].shape != target["pos_embed"].shape:
+        state["pos_embed"], report.resampled_pos_embed = _adapt_pos_embed(
+            model, state["pos_embed"], report.config, pos_embed_method
+        )
+
+    expected = {k for k in target if not (report.reinitialized_head and k.startswith("head."))}
+    missing = sorted(expected - set(state))
+    unexpected = sorted(k.removeprefix("__unconverted__/") for k in set(state) - set(target))
+    mismatched = sorted(
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(target[k].shape)}"
+        for k in expected & set(state)
+        if state[k].shape != target[k].shape
+    )
+    if mismatched or (strict and (missing or unexpected)):
+        raise CheckpointMismatchError(fmt, missing, unexpected, mismatched)
+    report.missing, report.unexpected = missing, unexpected
+
+    on_meta = any(p.is_meta for p in model.parameters())
+    loadable = {k: v.to(dtype=target[k].dtype) for k, v in state.items() if k in target}
+    model.load_state_dict(loadable, strict=False, assign=on_meta)
+    if report.reinitialized_head and not on_meta:
+        model.reset_head()
+    return report
+
+
+def _adapt_pos_embed(
+    model: VisionTransformer, pos_embed: torch.Tensor, saved_config: dict | None, method: ResampleMethod
+) -> tuple[torch.Tensor, tuple[tuple[int, int], tuple[int, int]]]:
+    prefix = model.num_prefix_tokens
+    num_patches = pos_embed.shape[1] - prefix
+    if saved_config is not None:
+        old_grid = ViTConfig(**_config_fields(saved_config)).grid_size
+    else:
+        old_grid = infer_grid(num_patches)
+    if old_grid[0] * old_grid[1] != num_patches:
+        raise CheckpointMismatchError(
+            "pos_embed",
+            [],
+            [],
+            [f"pos_embed: {pos_embed.shape[1]} tokens is not {prefix} prefix token(s) + a {old_grid} grid"],
+        )
+    new = resample_pos_embed(pos_embed, model.grid_size, old_grid=old_grid, num_prefix_tokens=prefix, method=method)
+    return new, (tuple(old_grid), tuple(model.grid_size))
+
+
+def _config_fields(config: Mapping) -> dict:
+    known = {f.name for f in dataclasses.fields(ViTConfig)}
+    return {k: v for k, v in config.items() if k in known}
+
+
+# ---------------------------------------------------------------------------- saving
+
+
+def save_checkpoint(model: VisionTransformer, path: str | os.PathLike) -> Path:
+    """Write weights and config; ``.safetensors`` by suffix, otherwise a weights-only torch file.
+
+    The file is written to a temporary name and renamed, so a crash never leaves half a checkpoint.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    config = dataclasses.asdict(model.config)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            save_file(
+                state,
+                tmp,
+                metadata={"format": FORMAT_NAME, "version": str(FORMAT_VERSION), "config": json.dumps(config)},
+            )
+        else:
+            torch.save({"format": FORMAT_NAME, "version": FORMAT_VERSION, "config": config, "state_dict": state}, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load_model(path: str | os.PathLike, *, device: torch.device | str | None = None, **overrides) -> VisionTransformer:
+    """Rebuild a model from one of our checkpoints (which carry their config) and load its weights.
+
+    ``overrides`` change config fields first, e.g. ``img_size=384`` or ``num_classes=10`` for
+    fine-tuning (the position embeddings are resampled and the head re-initialised).
+    """
+    raw, meta = _read(path)
+    if detect_format(raw, meta) != "vit" or not meta.get("config"):
+        raise ValueError(f"{path} is not a vit-platform checkpoint; build the model and use load_checkpoint")
+    config = ViTConfig(**{**_config_fields(json.loads(meta["config"])), **overrides})
+    model = VisionTransformer(config, device=device)
+    _load_state(model, raw, meta, strict=True, pos_embed_method="bilinear")
+    return model
