@@ -1,0 +1,70 @@
+"""The paper's analyses of what ViT learns (§4.5, Figs. 6 and 7).
+
+* :func:`attention_rollout` -- Fig. 6: how much each patch contributes to the class token, through
+  all layers (Abnar & Zuidema 2020: average heads, add the residual identity, multiply layers).
+* :func:`mean_attention_distance` -- Fig. 7 right: per head, the average image-space distance
+  between a query patch and the patches it attends to, weighted by attention ("receptive field").
+* :func:`pos_embed_similarity` -- Fig. 7 centre: cosine similarity of each patch's position
+  embedding with every other's, laid out on the grid.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from vit.model import VisionTransformer
+
+
+@torch.no_grad()
+def attention_rollout(model: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
+    """Class-token attention to each patch after all layers, (B, h, w), rows summing to 1."""
+    if model.num_prefix_tokens != 1:
+        raise ValueError("attention rollout follows the class token; this model pools by averaging (pool='gap')")
+    h, w = _grid_of(model, images)
+    return rollout(model.get_attention_maps(images)).reshape(-1, h, w)
+
+
+def rollout(maps: list[torch.Tensor]) -> torch.Tensor:
+    """Per-block attention maps, each (B, H, T, T) with the class token first, to (B, N) weights."""
+    T = maps[0].shape[-1]
+    eye = torch.eye(T, device=maps[0].device, dtype=maps[0].dtype)
+    flow = eye.expand(maps[0].shape[0], T, T)
+    for attn in maps:
+        a = attn.mean(dim=1) + eye  # (B, T, T): the residual path carries the token itself
+        a = a / a.sum(dim=-1, keepdim=True)
+        flow = a @ flow
+    to_patches = flow[:, 0, 1:]  # (B, N)
+    return to_patches / to_patches.sum(dim=-1, keepdim=True)
+
+
+@torch.no_grad()
+def mean_attention_distance(model: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
+    """Attention-weighted mean distance in pixels, per block and head, averaged over images: (L, H)."""
+    h, w = _grid_of(model, images)
+    stride = model.config.feature_stride
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    coords = torch.stack([ys.flatten(), xs.flatten()], dim=-1).float() * stride  # (N, 2) pixel centres
+    distance = torch.cdist(coords, coords).to(images.device)  # (N, N)
+    prefix = model.num_prefix_tokens
+    out = []
+    for attn in model.get_attention_maps(images):
+        patch_attn = attn[:, :, prefix:, prefix:]  # (B, H, N, N), patch-to-patch only
+        patch_attn = patch_attn / patch_attn.sum(dim=-1, keepdim=True)
+        per_query = (patch_attn * distance).sum(dim=-1)  # (B, H, N)
+        out.append(per_query.mean(dim=(0, 2)))
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def pos_embed_similarity(model: VisionTransformer) -> torch.Tensor:
+    """Cosine similarity of patch position embeddings: (h, w, h, w); [i, j] is patch (i, j)'s map."""
+    grid = model.pos_embed[0, model.num_prefix_tokens :]  # (N, D)
+    normed = F.normalize(grid.float(), dim=-1)
+    h, w = model.grid_size
+    return (normed @ normed.T).reshape(h, w, h, w)
+
+
+def _grid_of(model: VisionTransformer, images: torch.Tensor) -> tuple[int, int]:
+    stride = model.config.feature_stride
+    return images.shape[-2] // stride, images.shape[-1] // stride
