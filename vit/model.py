@@ -54,6 +54,11 @@ class ViTConfig:
     resnet_width: int = 1  # width multiplier of the ResNet stem (BiT's "x1")
 
     def __post_init__(self) -> None:
+        if self.patch_size < 1 or self.num_heads < 1:
+            raise ValueError(f"patch_size and num_heads must be positive, got {self.patch_size} and {self.num_heads}")
+        for name in ("dropout", "attn_dropout", "drop_path"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.pool not in ("cls", "gap"):
             raise ValueError(f"pool must be 'cls' or 'gap', got {self.pool!r}")
         if self.width % self.num_heads:
@@ -312,6 +317,17 @@ class VisionTransformer(nn.Module):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Eq. (1): pixels (B, C, H, W) to input tokens z0 (B, T, D)."""
+        size = self.config.img_size
+        if not self.config.dynamic_img_size and tuple(x.shape[-2:]) != (size, size):
+            # Checked on pixels, not on the grid: the convolutions would silently crop (or, in the
+            # hybrid's SAME padding, pad) a wrong size to the right grid.
+            raise ValueError(
+                f"input is {x.shape[-2]}x{x.shape[-1]} px but the model was built for img_size={size}; "
+                "build it at the new size (load_checkpoint resamples E_pos) or set dynamic_img_size=True"
+            )
+        stride = self.config.feature_stride
+        if x.shape[-2] % stride or x.shape[-1] % stride:
+            raise ValueError(f"input is {x.shape[-2]}x{x.shape[-1]} px, not a multiple of the model's stride {stride}")
         if self.stem is not None:
             x = self.stem(x)  # (B, C', H/16, W/16)
         x, grid = self.patch_embed(x)
@@ -353,8 +369,7 @@ class VisionTransformer(nn.Module):
     # ---------------------------------------------------------------- helpers
     def no_weight_decay(self) -> set[str]:
         """Parameter names that optimisers conventionally exclude from weight decay."""
-        names = {"pos_embed", "cls_token"}
-        return names | {n for n, p in self.named_parameters() if p.ndim <= 1}
+        return {n for n, p in self.named_parameters() if p.ndim <= 1 or n in ("pos_embed", "cls_token")}
 
     def num_params(self, exclude_head: bool = False) -> int:
         skip = set(self.head.parameters()) if exclude_head else set()
