@@ -1,0 +1,381 @@
+"""The sharding job against real parts: a local Ray, real image bytes, moto's S3 server, a real kill."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipelines.shard import ShardConfig, ShardError, shard_corpus, verify_shards
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+CLASSES = ("circle", "square", "stripes")
+COLOURS = {"circle": (220, 40, 40), "square": (40, 200, 60), "stripes": (40, 60, 220)}
+
+
+def picture(cls: str, seed: int, size=(48, 40)) -> Image.Image:
+    """A small photo-like image whose colour depends on the class (distinct pHashes per seed)."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w]
+    base = np.array(COLOURS[cls], dtype=np.float64)
+    wave = np.sin(x / (3 + seed % 7) + rng.uniform(0, 6)) * np.cos(y / (2 + seed % 5)) * 60
+    pixels = np.clip(base[None, None] + wave[..., None] + rng.normal(0, 8, (h, w, 3)), 0, 255)
+    return Image.fromarray(pixels.astype(np.uint8), "RGB")
+
+
+def jpeg(image: Image.Image, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90, **kwargs)
+    return buffer.getvalue()
+
+
+def write_folder_corpus(root: Path, per_class: int = 12) -> int:
+    """An ImageFolder tree; returns how many files it holds."""
+    count = 0
+    for c, cls in enumerate(CLASSES):
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            (root / cls / f"img{i:03d}.jpg").write_bytes(jpeg(picture(cls, seed=100 * c + i)))
+            count += 1
+    return count
+
+
+def add_awkward_files(root: Path) -> dict[str, str | None]:
+    """One file of every awkward kind; maps its path (relative) to the expected reject reason or None."""
+    red = picture("circle", 999)
+    expected: dict[str, str | None] = {}
+
+    def put(rel: str, data: bytes, reason: str | None) -> None:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+        expected[rel] = reason
+
+    png = io.BytesIO()
+    red.save(png, format="PNG")
+    put("circle/zero.jpg", b"", "empty")
+    put("circle/truncated.jpg", jpeg(picture("circle", 501, (200, 160)))[:900], "truncated")
+    put("circle/garbage.jpg", bytes(np.random.default_rng(1).integers(0, 256, 3000, dtype=np.uint8)), "not-an-image")
+    put("circle/readme.txt", b"not an image at all\n", "not-an-image")
+    put("square/bomb.png", _png_claiming(60_000, 60_000), "decompression-bomb")
+    put("square/cmyk.jpg", jpeg(picture("square", 502).convert("CMYK")), None)
+    put("square/gray.jpg", jpeg(picture("square", 503).convert("L")), None)
+    sixteen = io.BytesIO()
+    Image.fromarray(np.asarray(picture("square", 504).convert("L"), np.uint16) * 257).save(sixteen, format="PNG")
+    put("square/sixteen.png", sixteen.getvalue(), None)
+    rgba = picture("stripes", 505).convert("RGBA")
+    rgba.putalpha(128)
+    pal = io.BytesIO()
+    rgba.convert("P", palette=Image.Palette.ADAPTIVE).save(pal, format="PNG", transparency=0)
+    put("stripes/palette.png", pal.getvalue(), None)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    put("stripes/rotated.jpg", jpeg(picture("stripes", 506, (60, 30)), exif=exif.tobytes()), None)
+    put("stripes/huge.jpg", jpeg(picture("stripes", 507, (1600, 900))), None)
+    put("unlabelled.jpg", jpeg(picture("circle", 508)), "no-labels")
+    return expected
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    import struct
+    import zlib
+
+    buffer = io.BytesIO()
+    Image.new("L", (8, 8)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+def read_tars(dst: Path) -> dict[str, dict]:
+    """Every sample of every shard, read with the webdataset library."""
+    import webdataset as wds
+
+    urls = sorted(str(p) for p in dst.glob("*.tar"))
+    samples = {}
+    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+        assert sample["__key__"] not in samples, "duplicate key across shards"
+        samples[sample["__key__"]] = sample
+    return samples
+
+
+def manifest(dst) -> list[dict]:
+    return pq.read_table(Path(dst) / "manifest.parquet").to_pylist()
+
+
+# --------------------------------------------------------------------------------------------- folder
+
+
+def test_folder_corpus_with_every_awkward_input(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "shards"
+    good = write_folder_corpus(src)
+    expected = add_awkward_files(src)
+    cfg = ShardConfig(src=str(src), dst=str(dst), shard_samples=10, val_fraction=0.25, max_side=256, seed=3)
+    summary = shard_corpus(cfg, log=lambda *_: None)
+
+    rejected_expected = {k: v for k, v in expected.items() if v}
+    assert summary.read == good + len(expected)
+    assert summary.read == summary.written + summary.rejected
+    assert summary.rejected == len(rejected_expected)
+    rejects = pq.read_table(dst / "rejects.parquet").to_pylist()
+    assert {r["source"]: r["reason"] for r in rejects} == rejected_expected
+
+    samples = read_tars(dst)
+    assert len(samples) == summary.written
+    for key, sample in samples.items():
+        meta = json.loads(sample["json"])
+        image = Image.open(io.BytesIO(sample["jpg"]))
+        image.load()
+        assert image.format == "JPEG" and image.mode == "RGB" and max(image.size) <= 256
+        assert meta["labels"][0] == meta["source"].split("/")[0]
+        assert int(sample["cls"]) == meta["label_ids"][0] == CLASSES.index(meta["labels"][0])
+        assert key == meta["source"].rsplit(".", 1)[0].replace("/", "__")
+    by_source = {json.loads(s["json"])["source"]: s for s in samples.values()}
+    assert Image.open(io.BytesIO(by_source["stripes/rotated.jpg"]["jpg"])).size == (30, 60)  # EXIF applied
+    assert Image.open(io.BytesIO(by_source["stripes/huge.jpg"]["jpg"])).size == (256, 144)
+    original = (src / "circle/img000.jpg").read_bytes()
+    assert by_source["circle/img000.jpg"]["jpg"] == original  # valid JPEGs keep their bytes
+
+    rows = manifest(dst)
+    assert [r["filename"] for r in rows] == sorted(p.name for p in dst.glob("*.tar"))
+    assert sum(r["samples"] for r in rows) == summary.written
+    info = json.loads((dst / "_info.json").read_text())
+    assert set(info["splits"]) == {"train", "val"}
+    for split, entry in info["splits"].items():
+        assert entry["filenames"] == [r["filename"] for r in rows if r["split"] == split]
+        assert entry["num_samples"] == sum(entry["shard_lengths"])
+        assert all(name.startswith(f"{split}-") for name in entry["filenames"])
+    assert 0 < info["splits"]["val"]["num_samples"] < info["splits"]["train"]["num_samples"]
+    assert json.loads((dst / "classes.json").read_text()) == [{"id": i, "name": n} for i, n in enumerate(CLASSES)]
+    assert verify_shards(str(dst)) == []
+
+    listing = subprocess.run(["tar", "tf", str(dst / rows[0]["filename"])], capture_output=True, text=True, check=True)
+    assert len(listing.stdout.split()) == 3 * rows[0]["samples"]  # jpg, json, cls per sample
+
+
+def test_ray_reads_the_shards_back(tmp_path, ray_local):
+    src, dst = tmp_path / "src", tmp_path / "shards"
+    count = write_folder_corpus(src, per_class=8)
+    shard_corpus(ShardConfig(src=str(src), dst=str(dst), shard_samples=7), log=lambda *_: None)
+    tars = sorted(str(p) for p in dst.glob("*.tar"))
+    ds = ray_local.data.read_webdataset(tars, decoder=None, suffixes=["jpg", "json", "cls"])
+    rows = ds.take_all()
+    assert len(rows) == count
+    keys = {r["__key__"] for r in rows}
+    assert len(keys) == count
+    for r in rows:
+        assert json.loads(r["json"])["labels"][0] == r["__key__"].split("__")[0]
+
+
+def test_shuffle_is_deterministic_and_random(tmp_path):
+    src = tmp_path / "src"
+    write_folder_corpus(src, per_class=30)
+    runs = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        dst = tmp_path / name
+        shard_corpus(ShardConfig(src=str(src), dst=str(dst), shard_samples=15, seed=seed), log=lambda *_: None)
+        runs[name] = manifest(dst)
+    assert [r["sha256"] for r in runs["a"]] == [r["sha256"] for r in runs["b"]]  # byte-identical
+    assert [r["sha256"] for r in runs["a"]] != [r["sha256"] for r in runs["c"]]
+    # every shard is a random sample: each holds several classes, not one sorted block
+    for row in runs["a"]:
+        assert len(json.loads(row["label_histogram"])) >= 2
+
+
+def test_shard_bytes_target(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "shards"
+    write_folder_corpus(src, per_class=20)
+    mean = np.mean([p.stat().st_size for p in src.rglob("*.jpg")])
+    target = int(12.5 * (mean + 1536))  # 12 whole samples per shard
+    shard_corpus(ShardConfig(src=str(src), dst=str(dst), shard_samples=None, shard_bytes=target), log=lambda *_: None)
+    rows = manifest(dst)
+    assert len(rows) == -(-60 // 12)
+    assert all(0.4 * target < r["bytes"] < 2.0 * target for r in rows)
+
+
+# --------------------------------------------------------------------------------------------- table, tars
+
+
+def test_label_table_multi_label_with_bad_rows(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "shards"
+    (src / "img").mkdir(parents=True)
+    rows = []
+    for i in range(24):
+        cls = CLASSES[i % 3]
+        (src / "img" / f"{i:04d}.jpg").write_bytes(jpeg(picture(cls, i)))
+        extra = [CLASSES[(i + 1) % 3]] if i % 4 == 0 else []
+        rows.append({"path": f"img/{i:04d}.jpg", "labels": [cls, *extra], "split": "val" if i < 6 else "train"})
+    rows.append({"path": "img/missing.jpg", "labels": ["circle"], "split": "train"})  # names a missing file
+    rows.append({"path": "img/0001.jpg", "labels": ["square"], "split": "train"})  # the same file twice
+    rows.append({"path": "img/0002.jpg", "labels": [], "split": "train"})  # no labels (and a duplicate)
+    import pyarrow as pa
+
+    pq.write_table(pa.Table.from_pylist(rows), src / "labels.parquet")
+    (src / "classes.json").write_text(json.dumps(list(CLASSES)))
+
+    summary = shard_corpus(
+        ShardConfig(src=str(src), dst=str(dst), shard_samples=8, split_column="split"), log=lambda *_: None
+    )
+    assert summary.read == 27 and summary.written == 24
+    assert summary.rejected_by_reason == {"missing-file": 1, "duplicate-key": 2}
+    assert summary.splits == {"train": 18, "val": 6}
+    samples = read_tars(dst)
+    multi = [json.loads(s["json"]) for s in samples.values() if len(json.loads(s["json"])["labels"]) > 1]
+    assert len(multi) == 6
+    assert all("cls" not in s for s in samples.values())  # multi-label corpora carry labels in the json only
+    for meta in multi:
+        assert meta["label_ids"] == [CLASSES.index(n) for n in meta["labels"]]
+
+
+def test_reshard_existing_tars(tmp_path):
+    src, first, second = tmp_path / "src", tmp_path / "first", tmp_path / "second"
+    count = write_folder_corpus(src, per_class=10)
+    shard_corpus(ShardConfig(src=str(src), dst=str(first), shard_samples=4), log=lambda *_: None)
+    tars = tmp_path / "tars"
+    tars.mkdir()
+    for p in first.glob("*.tar"):
+        (tars / p.name).write_bytes(p.read_bytes())
+    (tars / "broken.tar").write_bytes(b"not a tar" * 100)
+    summary = shard_corpus(
+        ShardConfig(src=str(tars), dst=str(second), source="tars", shard_samples=25, seed=9), log=lambda *_: None
+    )
+    assert summary.written == count and summary.read == count + summary.rejected
+    before = {k: (s["jpg"], json.loads(s["json"])["labels"]) for k, s in read_tars(first).items()}
+    after = {k: (s["jpg"], json.loads(s["json"])["labels"]) for k, s in read_tars(second).items()}
+    assert after == before
+
+
+# --------------------------------------------------------------------------------------------- S3
+
+
+def test_s3_to_s3(tmp_path, s3_bucket, s3_storage_options):
+    import s3fs
+
+    src = tmp_path / "src"
+    count = write_folder_corpus(src, per_class=6)
+    (src / "square" / "empty.jpg").write_bytes(b"")
+    fs = s3fs.S3FileSystem(**s3_storage_options)
+    fs.put(str(src), f"{s3_bucket}/corpus", recursive=True)
+    cfg = ShardConfig(
+        src=f"{s3_bucket}/corpus",
+        dst=f"{s3_bucket}/shards",
+        shard_samples=5,
+        storage_options=s3_storage_options,
+    )
+    summary = shard_corpus(cfg, log=lambda *_: None)
+    assert summary.written == count and summary.rejected_by_reason == {"empty": 1}
+    fs.invalidate_cache()
+    names = {p.rsplit("/", 1)[1] for p in fs.ls(f"{s3_bucket}/shards")}
+    assert {"manifest.parquet", "rejects.parquet", "_info.json", "summary.json", "train-000000.tar"} <= names
+    assert verify_shards(cfg.dst, s3_storage_options) == []
+    local = tmp_path / "back"
+    fs.get(f"{s3_bucket}/shards", str(local), recursive=True)
+    assert len(read_tars(local)) == count
+    again = shard_corpus(cfg, log=lambda *_: None)
+    assert again.shards_written_now == 0
+
+
+# --------------------------------------------------------------------------------------------- exactly once
+
+
+def test_killed_run_resumes_to_identical_shards(tmp_path):
+    src = tmp_path / "src"
+    write_folder_corpus(src, per_class=100)
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    cfg = dict(src=str(src), shard_samples=10, seed=5)
+    shard_corpus(ShardConfig(dst=str(reference), **cfg), log=lambda *_: None)
+
+    script = (
+        "import ray; from pipelines.shard import ShardConfig, shard_corpus; "
+        "ray.init(address='local', num_cpus=2, include_dashboard=False, log_to_driver=False); "
+        f"shard_corpus(ShardConfig(dst={str(killed)!r}, **{cfg!r}))"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    done_dir = killed / "_work" / "done"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and not (done_dir.exists() and any(done_dir.iterdir())):
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # the job and its Ray processes, mid-write
+    proc.wait()
+    assert not (killed / "summary.json").exists(), "the run finished before the kill: make the corpus bigger"
+    markers_at_kill = len(list(done_dir.iterdir()))
+    assert 0 < markers_at_kill < 30
+
+    summary = shard_corpus(ShardConfig(dst=str(killed), **cfg), log=lambda *_: None)
+    assert summary.shards == 30 and summary.shards_written_now == 30 - markers_at_kill
+    assert manifest(killed) == manifest(reference)  # same bytes: nothing duplicated, nothing lost
+    assert sorted(p.name for p in killed.iterdir()) == sorted(p.name for p in reference.iterdir())
+    assert verify_shards(str(killed)) == []
+
+
+def test_finished_run_does_nothing_and_other_settings_are_refused(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "shards"
+    write_folder_corpus(src, per_class=5)
+    cfg = ShardConfig(src=str(src), dst=str(dst), shard_samples=5)
+    shard_corpus(cfg, log=lambda *_: None)
+    stamp = {p.name: p.stat().st_mtime_ns for p in dst.iterdir()}
+    again = shard_corpus(cfg, log=lambda *_: None)
+    assert again.shards_written_now == 0 and again.written == 15
+    assert {p.name: p.stat().st_mtime_ns for p in dst.iterdir()} == stamp
+    with pytest.raises(ShardError, match="other settings"):
+        shard_corpus(ShardConfig(src=str(src), dst=str(dst), shard_samples=7), log=lambda *_: None)
+    redone = shard_corpus(ShardConfig(src=str(src), dst=str(dst), shard_samples=7), overwrite=True, log=lambda *_: None)
+    assert redone.shards == 3
+    (tmp_path / "occupied").mkdir()
+    (tmp_path / "occupied" / "precious.txt").write_text("keep me")
+    with pytest.raises(ShardError, match="not empty"):
+        shard_corpus(ShardConfig(src=str(src), dst=str(tmp_path / "occupied")), log=lambda *_: None)
+    assert (tmp_path / "occupied" / "precious.txt").read_text() == "keep me"
+    with pytest.raises(ShardError, match="does not exist"):
+        shard_corpus(ShardConfig(src=str(tmp_path / "nowhere"), dst=str(tmp_path / "x")), log=lambda *_: None)
+
+
+def test_verify_finds_tampering(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "shards"
+    write_folder_corpus(src, per_class=4)
+    shard_corpus(ShardConfig(src=str(src), dst=str(dst), shard_samples=4), log=lambda *_: None)
+    first, second = sorted(dst.glob("*.tar"))[:2]
+    data = bytearray(first.read_bytes())
+    data[700] ^= 0xFF
+    first.write_bytes(bytes(data))
+    second.unlink()
+    problems = verify_shards(str(dst))
+    assert any(first.name in p and "sha256" in p for p in problems)
+    assert any(second.name in p and "missing" in p for p in problems)
+
+
+# --------------------------------------------------------------------------------------------- evaluation sets
+
+
+def test_near_duplicates_of_eval_images_are_removed(tmp_path):
+    src, dst, evalset = tmp_path / "src", tmp_path / "shards", tmp_path / "eval"
+    write_folder_corpus(src, per_class=10)
+    evalset.mkdir()
+    leaked = ["circle/img003.jpg", "square/img007.jpg", "stripes/img001.jpg"]
+    for i, rel in enumerate(leaked):  # resized and recompressed copies, as a test set would hold them
+        image = Image.open(src / rel).resize((64, 52))
+        image.save(evalset / f"test{i}.jpg", quality=70)
+    Image.new("RGB", (40, 40), (128, 128, 128)).save(evalset / "unrelated.png")
+    summary = shard_corpus(
+        ShardConfig(src=str(src), dst=str(dst), shard_samples=10, eval_sets=[str(evalset)]), log=lambda *_: None
+    )
+    rejects = pq.read_table(dst / "rejects.parquet").to_pylist()
+    assert sorted(r["source"] for r in rejects) == sorted(leaked)
+    assert {r["reason"] for r in rejects} == {"duplicate-of-eval"}
+    assert all(r["detail"].startswith(str(evalset)) for r in rejects)
+    assert summary.written == 27
