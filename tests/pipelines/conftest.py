@@ -1,0 +1,55 @@
+"""Shared fixtures for the pipeline tests: a local S3 (moto's standalone server), started once per session.
+
+The server runs in a thread of the test process and listens on 127.0.0.1, so subprocesses (the ``vit`` command,
+spawned workers, Ray workers) reach it too. While it runs, the fake credentials and ``AWS_ENDPOINT_URL`` are in the
+environment: boto3, s3fs and pyarrow all honour the endpoint variable, so no test can reach a real bucket.
+"""
+
+from __future__ import annotations
+
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+S3_BUCKET = "vit-test"
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """The URL of a moto S3 server shared by the whole session."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("AWS_ACCESS_KEY_ID", "testing")
+        env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        env.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        env.setenv("AWS_ENDPOINT_URL", endpoint)
+        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
+            env.delenv(name, raising=False)
+        yield endpoint
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_storage_options(s3_endpoint: str) -> dict:
+    """fsspec ``storage_options`` for the moto server (explicit, though the environment already points there)."""
+    return {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": s3_endpoint}}
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint: str, s3_storage_options: dict) -> str:
+    """``s3://vit-test``, empty: the server's state is reset first, so tests never see each other's objects."""
+    import s3fs
+
+    request = urllib.request.Request(f"{s3_endpoint}/moto-api/reset", method="POST")
+    with urllib.request.urlopen(request, timeout=10):
+        pass
+    fs = s3fs.S3FileSystem(**s3_storage_options)
+    fs.invalidate_cache()  # the instance is shared (fsspec caches it) and may remember a previous test's listings
+    fs.mkdir(S3_BUCKET)
+    return f"s3://{S3_BUCKET}"
