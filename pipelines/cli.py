@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 import click
 
 from pipelines.config import ConfigError, dump_config, load_config
+
+if TYPE_CHECKING:
+    from pipelines.corpus import CorpusSummary
 
 
 def _fail(message: str) -> None:
@@ -119,6 +123,84 @@ def _head_size(raw: dict, fmt: str) -> int:
         if key in raw:
             return int(raw[key].shape[-1])
     return 0
+
+
+@main.group()
+def corpus() -> None:
+    """Write a corpus for the sharding job: a synthetic JFT-style set, or the real bundled digits."""
+
+
+@corpus.command()
+@click.argument("dst")
+@click.option("--images", type=int, required=True, help="Number of images.")
+@click.option("--classes", type=int, required=True, help="Number of leaf classes (at least 2).")
+@click.option("--superclasses", type=int, default=None, help="Superclasses grouping them [default: about sqrt].")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--image-size", type=int, default=64, show_default=True, help="Side of the square images in pixels.")
+@click.option("--label-noise", type=float, default=0.1, show_default=True, help="Share of images with a wrong label.")
+@click.option("--layout", type=click.Choice(["table", "folder"]), default="table", show_default=True)
+@click.option("--workers", type=int, default=1, show_default=True, help="Processes rendering images.")
+@click.option("--overwrite", is_flag=True, help="Replace a corpus already at DST.")
+def synth(
+    dst: str,
+    images: int,
+    classes: int,
+    superclasses: int | None,
+    seed: int,
+    image_size: int,
+    label_noise: float,
+    layout: str,
+    workers: int,
+    overwrite: bool,
+) -> None:
+    """Write a synthetic JFT-style corpus of JPEGs with noisy multi-labels to DST (a path or fsspec URL)."""
+    from pipelines.corpus import synth_corpus
+
+    try:
+        summary = synth_corpus(
+            dst,
+            images=images,
+            classes=classes,
+            superclasses=superclasses,
+            seed=seed,
+            image_size=image_size,
+            label_noise=label_noise,
+            layout=layout,
+            workers=workers,
+            overwrite=overwrite,
+        )
+    except (ValueError, OSError) as err:
+        _fail(str(err))
+    _print_corpus(summary)
+
+
+@corpus.command()
+@click.argument("dst")
+@click.option("--scale", type=int, default=4, show_default=True, help="Upscaling of the 8x8 digits.")
+@click.option("--split-fraction", type=float, default=0.2, show_default=True, help="Stratified test share.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace a corpus already at DST.")
+def digits(dst: str, scale: int, split_fraction: float, seed: int, overwrite: bool) -> None:
+    """Write scikit-learn's 1,797 real handwritten digits to DST as a labelled, split PNG set."""
+    from pipelines.corpus import import_digits
+
+    try:
+        summary = import_digits(dst, scale=scale, split_fraction=split_fraction, seed=seed, overwrite=overwrite)
+    except (ValueError, OSError) as err:
+        _fail(str(err))
+    _print_corpus(summary)
+
+
+def _print_corpus(summary: CorpusSummary) -> None:
+    hierarchy = f", {summary.superclasses} superclasses" if summary.superclasses else ""
+    click.echo(f"wrote {summary.images:,} images ({summary.classes} classes{hierarchy}) to {summary.root}")
+    click.echo(f"time      {summary.seconds:.1f} s  ({summary.images_per_s:,.0f} images/s)")
+    click.echo(f"bytes     {summary.bytes / 1e6:,.1f} MB  ({summary.bytes / summary.images / 1e3:.1f} kB per image)")
+    if summary.splits:
+        click.echo("splits    " + ", ".join(f"{name} {count:,}" for name, count in summary.splits.items()))
+    if summary.labels:
+        click.echo(f"labels    {summary.labels}")
+    click.echo(f"classes   {summary.classes_file}")
 
 
 @main.command("show-config")
