@@ -125,6 +125,90 @@ def _head_size(raw: dict, fmt: str) -> int:
     return 0
 
 
+@main.command(context_settings={"ignore_unknown_options": False})
+@click.argument("src")
+@click.argument("dst", required=False)
+@click.option("--address", default=None, help="Ray cluster to run on (default: a local Ray).")
+@click.option("--labels", default=None, help="Label table (parquet/csv/jsonl) [default: SRC/labels.*].")
+@click.option("--source", type=click.Choice(["auto", "folder", "table", "tars"]), default="auto", show_default=True)
+@click.option("--path-column", default="path", show_default=True)
+@click.option("--label-column", default="labels", show_default=True)
+@click.option("--split-column", default=None, help="Column naming each row's split (else --val-fraction).")
+@click.option("--val-fraction", type=float, default=0.0, show_default=True, help="Held-out share, by key hash.")
+@click.option("--shard-samples", type=int, default=None, help="Samples per shard [default: 10000].")
+@click.option("--shard-bytes", type=str, default=None, help="Target bytes per shard instead, e.g. 1GB or 500MB.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the global shuffle.")
+@click.option("--max-side", type=int, default=None, help="Resize longer sides above this on ingest.")
+@click.option("--eval-set", "eval_sets", multiple=True, help="Downstream set to de-duplicate against (repeatable).")
+@click.option("--dedup-distance", type=int, default=4, show_default=True, help="Max pHash Hamming distance.")
+@click.option("--overwrite", is_flag=True, help="Replace shards made with other settings.")
+def shard(src: str, dst: str | None, address: str | None, overwrite: bool, **options) -> None:
+    """Shard the corpus at SRC into WebDataset tars at DST (any fsspec URL: a path, s3://...).
+
+    `vit shard verify DST` rechecks every shard against the manifest instead.
+    """
+    if src == "verify":
+        _verify(dst)
+        return
+    if dst is None:
+        _fail("missing DST: vit shard SRC DST")
+    from pipelines.shard import ShardConfig, ShardError, shard_corpus
+
+    shard_bytes = options.pop("shard_bytes")
+    options["eval_sets"] = list(options["eval_sets"])
+    try:
+        if shard_bytes:
+            options["shard_bytes"] = _parse_bytes(shard_bytes)
+        elif options["shard_samples"] is None:
+            options["shard_samples"] = 10_000
+        cfg = ShardConfig(src=src, dst=dst, **options)
+    except ValueError as err:
+        _fail(str(err))
+    _init_ray(address)
+    try:
+        summary = shard_corpus(cfg, overwrite=overwrite, log=click.echo)
+    except (ShardError, FileNotFoundError, PermissionError) as err:
+        _fail(str(err))
+    click.echo("")
+    click.echo(summary.table())
+    click.echo(f"\nshards, manifest.parquet, rejects.parquet and _info.json are in {dst}")
+
+
+def _verify(dst: str | None) -> None:
+    from pipelines.shard import verify_shards
+
+    if dst is None:
+        _fail("missing DST: vit shard verify DST")
+    problems = verify_shards(dst)
+    for problem in problems:
+        click.echo(problem)
+    if problems:
+        _fail(f"{len(problems)} problem(s) in {dst}")
+    click.echo(f"{dst}: every shard matches the manifest")
+
+
+def _parse_bytes(text: str) -> int:
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    number = text.strip().upper().rstrip()
+    unit = "".join(ch for ch in number if ch.isalpha())
+    value = number[: len(number) - len(unit)].strip()
+    if unit not in units or not value:
+        raise ValueError(f"--shard-bytes: cannot read {text!r} (use e.g. 500MB or 1GB)")
+    return int(float(value) * units[unit])
+
+
+def _init_ray(address: str | None) -> None:
+    import ray
+
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        # More logical CPUs than cores: the job's operators reserve CPUs and must not starve each other.
+        import os
+
+        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+
+
 @main.group()
 def corpus() -> None:
     """Write a corpus for the sharding job: a synthetic JFT-style set, or the real bundled digits."""

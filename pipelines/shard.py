@@ -61,7 +61,7 @@ class ShardConfig:
     path_column: str = "path"  # relative to the table's folder, or absolute URLs
     label_column: str = "labels"  # a name/id or a list of names/ids per row
     key_column: str | None = None  # default: derived from the path
-    split_column: str | None = None  # e.g. "split"; otherwise val_fraction decides, by hash of the key
+    split_column: str | None = None  # default: a "split" column when the table has one, else val_fraction by key hash
     val_fraction: float = 0.0
     shard_samples: int | None = 10_000  # target samples per shard ...
     shard_bytes: int | None = None  # ... or target bytes per shard (estimated from a sample of inputs)
@@ -253,10 +253,11 @@ def _index_label_table(fs, root: str, cfg: ShardConfig, classes: list[str] | Non
         keys = [_KEY_UNSAFE.sub("_", str(k)) for k in table.column(cfg.key_column).to_pylist()]
     else:
         keys = [_key_from_path(r) for r in rels]
-    if cfg.split_column:
-        if cfg.split_column not in table.column_names:
-            raise ShardError(f"label table {table_url} has no split column {cfg.split_column!r}")
-        splits = [str(s) for s in table.column(cfg.split_column).to_pylist()]
+    split_column = cfg.split_column or ("split" if "split" in table.column_names else None)
+    if split_column:
+        if split_column not in table.column_names:
+            raise ShardError(f"label table {table_url} has no split column {split_column!r}")
+        splits = [str(s) for s in table.column(split_column).to_pylist()]
     else:
         splits = [None] * len(keys)
     return _index_table(keys, full, labels, splits, rels, cfg)

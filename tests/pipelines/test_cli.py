@@ -63,3 +63,18 @@ def test_convert_imports_and_resamples(tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"junk")
     result = run("convert", str(tmp_path / "junk.pth"), str(out), "--model", "Mu/8")
     assert result.returncode == 2 and "not a readable" in result.stderr
+
+
+def test_corpus_shard_and_verify_from_the_command_line(tmp_path):
+    """The digits importer, then `vit shard` on it (its split column is used), then `vit shard verify`."""
+    digits, shards = tmp_path / "digits", tmp_path / "shards"
+    assert run("corpus", "digits", str(digits)).returncode == 0
+    result = run("shard", str(digits), str(shards), "--shard-samples", "400")
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"written\s+1,797\s+test 360, train 1,437", result.stdout), result.stdout
+    assert run("shard", "verify", str(shards)).returncode == 0
+    (shards / "test-000000.tar").write_bytes(b"\0" * 1024)
+    result = run("shard", "verify", str(shards))
+    assert result.returncode == 2 and "test-000000.tar" in result.stdout
+    result = run("shard", str(digits), str(tmp_path / "other"), "--shard-bytes", "lots")
+    assert result.returncode == 2 and "--shard-bytes" in result.stderr
