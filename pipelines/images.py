@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import io
 import struct
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,7 +44,9 @@ class RejectedImage(ValueError):
 @dataclass(frozen=True, kw_only=True)
 class ImagePolicy:
     max_bytes: int = 64 * 2**20  # larger files are rejected before decoding
-    max_pixels: int = 100_000_000  # decompression-bomb guard, checked on the header before decoding
+    # Decompression-bomb guard, checked on the header before decoding. Pillow refuses on its own above
+    # 2 x Image.MAX_IMAGE_PIXELS (179M by default); raise that too to allow larger images.
+    max_pixels: int = 89_478_485
     max_side: int | None = None  # longer sides are resized down on ingest (aspect ratio kept)
     min_side: int = 4
     jpeg_quality: int = 95  # for re-encoded images
@@ -79,7 +80,8 @@ def normalize_image(data: bytes, policy: ImagePolicy = ImagePolicy(), *, with_ph
     if min(width, height) < policy.min_side:
         raise RejectedImage("too-small", f"{width}x{height} px")
     _decode(image)  # before getexif(), which decodes PNGs itself
-    orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+    # Parsing EXIF costs as much as decoding a small JPEG: only when the file carries it.
+    orientation = image.getexif().get(_EXIF_ORIENTATION, 1) if "exif" in image.info else 1
 
     too_big = policy.max_side is not None and max(width, height) > policy.max_side
     keep = source_format == "JPEG" and source_mode == "RGB" and orientation in (0, 1) and not too_big
@@ -101,14 +103,9 @@ def normalize_image(data: bytes, policy: ImagePolicy = ImagePolicy(), *, with_ph
 
 def _open(data: bytes, policy: ImagePolicy) -> Image.Image:
     try:
-        with warnings.catch_warnings():
-            # Our own pixel limit applies; Pillow's warning/error thresholds would pre-empt it.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            saved_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
-            try:
-                image = Image.open(io.BytesIO(data))
-            finally:
-                Image.MAX_IMAGE_PIXELS = saved_limit
+        image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as err:  # Pillow's own hard limit (2x MAX_IMAGE_PIXELS)
+        raise RejectedImage("decompression-bomb", str(err)) from err
     except UnidentifiedImageError as err:
         raise RejectedImage("not-an-image", str(err)) from err
     except (OSError, SyntaxError, ValueError, struct.error) as err:  # broken headers

@@ -67,7 +67,7 @@ class ShardConfig:
     shard_bytes: int | None = None  # ... or target bytes per shard (estimated from a sample of inputs)
     seed: int = 0
     max_side: int | None = None  # resize longer sides on ingest
-    max_pixels: int = 100_000_000
+    max_pixels: int = 89_478_485  # Pillow's own default bomb threshold
     jpeg_quality: int = 95
     eval_sets: list[str] = field(default_factory=list)  # fsspec URLs of downstream sets to de-duplicate against
     dedup_distance: int = 4  # max Hamming distance of 64-bit pHashes counted as a near-duplicate
