@@ -1,0 +1,243 @@
+"""Benchmark of ``vit shard`` against the bounds that frame it, measured in one run on one machine.
+
+    .venv/bin/python bench/shard.py                       # 20,000 and 100,000 images (~10 min on 2 cores)
+    .venv/bin/python bench/shard.py --sizes 2000 --quick  # smoke run
+
+What is measured, on synthetic JFT-style corpora of real JPEGs (``vit corpus synth``, cached in --workdir):
+
+* ``decode ceiling``: one process opens and fully decodes every file with PIL, times the cores. Checking an
+  image needs a decode, so no validating sharder can beat this on the same cores.
+* ``tar``: plain ``tar cf`` of the same files: the I/O bound, for reference.
+* ``minimal Ray``: ``read_binary_files`` -> ``write_webdataset(encoder=None)``: checks nothing and writes
+  one small tar per block; the floor any Ray Data job starts from.
+* ``vit shard``: the real job (validate, normalise, global shuffle, shards of 5,000, manifest, rejects).
+  Its steady-state rate is the marginal one between the two corpus sizes, (N2 - N1) / (t2 - t1), which
+  cancels the fixed start-up cost (planning, actor start).
+
+Each job runs in a fresh subprocess with its own local Ray; peak memory is the largest sum of RSS over
+that process and all its descendants (driver plus Ray workers), sampled every 100 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def tree_rss(pid: int) -> int:
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        procs = [proc, *proc.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            total += p.memory_info().rss
+    return total
+
+
+def run_measured(args: list[str]) -> dict:
+    """Run ``bench/shard.py --worker ...`` in a subprocess; its JSON result plus the peak tree RSS."""
+    proc = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True)
+    peak = 0
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, tree_rss(proc.pid))
+            time.sleep(0.1)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    out, _ = proc.communicate()
+    stop.set()
+    sampler.join()
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {args} failed with exit code {proc.returncode}")
+    result = json.loads(out.strip().splitlines()[-1])
+    result["peak_rss_mb"] = peak / 2**20
+    return result
+
+
+def image_files(corpus: Path) -> list[Path]:
+    return sorted(p for p in (corpus / "images").rglob("*.jpg"))
+
+
+# ---------------------------------------------------------------------------------------------- workers
+
+
+def worker_decode(corpus: Path) -> dict:
+    from PIL import Image
+
+    files = image_files(corpus)
+    start = time.perf_counter()
+    total = 0
+    for path in files:
+        data = path.read_bytes()
+        total += len(data)
+        with Image.open(path) as image:
+            image.load()
+    seconds = time.perf_counter() - start
+    return {"images": len(files), "bytes": total, "seconds": seconds}
+
+
+def worker_tar(corpus: Path, out: Path) -> dict:
+    files = image_files(corpus)
+    total = sum(p.stat().st_size for p in files)
+    start = time.perf_counter()
+    subprocess.run(["tar", "cf", str(out / "all.tar"), "-C", str(corpus), "images"], check=True)
+    return {"images": len(files), "bytes": total, "seconds": time.perf_counter() - start}
+
+
+def _ray_init() -> None:
+    import ray
+
+    ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+
+
+def worker_minimal_ray(corpus: Path, out: Path) -> dict:
+    import ray.data
+
+    _ray_init()
+    files = [str(p) for p in image_files(corpus)]
+    total = sum(os.path.getsize(p) for p in files)
+    start = time.perf_counter()
+    ds = ray.data.read_binary_files(files, include_paths=True)
+    ds = ds.map(lambda row: {"__key__": Path(row["path"]).stem.replace(".", "_"), "jpg": row["bytes"]})
+    ds.write_webdataset(str(out), encoder=None)
+    seconds = time.perf_counter() - start
+    tars = list(out.glob("*.tar"))
+    return {"images": len(files), "bytes": total, "seconds": seconds, "files": len(tars)}
+
+
+def worker_vit_shard(corpus: Path, out: Path) -> dict:
+    from pipelines.shard import ShardConfig, shard_corpus
+
+    _ray_init()
+    start = time.perf_counter()
+    # 5,000 per shard: both corpus sizes then keep the same number of writers busy (4 on 2 cores)
+    summary = shard_corpus(ShardConfig(src=str(corpus), dst=str(out), shard_samples=5_000), log=lambda *_: None)
+    seconds = time.perf_counter() - start
+    total = sum(p.stat().st_size for p in image_files(corpus))
+    return {
+        "images": summary.read,
+        "bytes": total,
+        "seconds": seconds,
+        "written": summary.written,
+        "shards": summary.shards,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+
+def ensure_corpus(workdir: Path, images: int, image_size: int) -> Path:
+    from pipelines.corpus import synth_corpus
+
+    corpus = workdir / f"corpus-{images}-{image_size}px"
+    if not (corpus / "labels.parquet").exists():
+        print(f"generating a {images:,}-image corpus of {image_size} px JPEGs in {corpus} ...", flush=True)
+        synth_corpus(
+            str(corpus), images=images, classes=100, seed=0, image_size=image_size, workers=os.cpu_count() or 1
+        )
+    return corpus
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[20_000, 100_000])
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "vit-bench-shard")
+    parser.add_argument("--image-size", type=int, default=64, help="side of the generated JPEGs in pixels")
+    parser.add_argument("--quick", action="store_true", help="smallest size only, for a smoke run")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--worker", nargs=3, metavar=("KIND", "CORPUS", "OUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        kind, corpus, out = args.worker
+        fn = {"decode": worker_decode, "tar": worker_tar, "minimal": worker_minimal_ray, "shard": worker_vit_shard}
+        out_path = Path(out)
+        out_path.mkdir(parents=True, exist_ok=True)
+        result = fn[kind](Path(corpus)) if kind == "decode" else fn[kind](Path(corpus), out_path)
+        print(json.dumps(result))
+        return
+
+    import shutil
+
+    cores = os.cpu_count() or 1
+    sizes = sorted(args.sizes)[:1] if args.quick else sorted(args.sizes)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for n in sizes:
+        corpus = ensure_corpus(args.workdir, n, args.image_size)
+        for kind in ("decode", "tar", "minimal", "shard"):
+            out = args.workdir / f"out-{kind}-{n}"
+            shutil.rmtree(out, ignore_errors=True)
+            print(f"{kind:>8} on {n:,} images ...", flush=True)
+            result = run_measured(["--worker", kind, str(corpus), str(out)])
+            result.update(kind=kind, size=n)
+            rows.append(result)
+            shutil.rmtree(out, ignore_errors=True)
+
+    def rate(row: dict) -> float:
+        per_s = row["images"] / row["seconds"]
+        return per_s * cores if row["kind"] == "decode" else per_s
+
+    names = {
+        "decode": f"decode ceiling (1 proc x {cores})",
+        "tar": "tar cf (I/O bound)",
+        "minimal": "minimal Ray path",
+        "shard": "vit shard",
+    }
+    print(f"\n{args.image_size} px JPEGs, {cores} cores")
+    print(f"{'method':<30}{'images':>9}{'seconds':>9}{'images/s':>10}{'MB/s':>8}{'peak RSS MB':>13}")
+    for row in rows:
+        mbs = row["bytes"] / 1e6 / row["seconds"] * (cores if row["kind"] == "decode" else 1)
+        print(
+            f"{names[row['kind']]:<30}{row['size']:>9,}{row['seconds']:>9.1f}{rate(row):>10,.0f}{mbs:>8.1f}"
+            f"{row['peak_rss_mb']:>13,.0f}"
+        )
+    print()
+    for n in sizes:
+        by = {r["kind"]: r for r in rows if r["size"] == n}
+        print(
+            f"{n:,} images: vit shard = {rate(by['shard']) / rate(by['decode']):.0%} of the decode ceiling, "
+            f"{rate(by['shard']) / rate(by['minimal']):.2f}x the minimal Ray path (end to end, start-up included)"
+        )
+    if len(sizes) >= 2:
+        small, big = sizes[0], sizes[-1]
+        s = {r["size"]: r for r in rows if r["kind"] == "shard"}
+        m = {r["size"]: r for r in rows if r["kind"] == "minimal"}
+        d = {r["size"]: r for r in rows if r["kind"] == "decode"}
+        steady = (big - small) / (s[big]["seconds"] - s[small]["seconds"])
+        steady_min = (big - small) / (m[big]["seconds"] - m[small]["seconds"])
+        print(
+            f"steady state ({small:,} -> {big:,}): vit shard {steady:,.0f} images/s = "
+            f"{steady / rate(d[big]):.0%} of the decode ceiling, {steady / steady_min:.2f}x the minimal Ray path "
+            f"({steady_min:,.0f} images/s)"
+        )
+        print(
+            f"peak memory: vit shard {s[small]['peak_rss_mb']:,.0f} MB at {small:,} -> "
+            f"{s[big]['peak_rss_mb']:,.0f} MB at {big:,} images"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
