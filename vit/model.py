@@ -130,8 +130,9 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, return_attention: bool = False):
         B, T, D = x.shape
-        qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each (B, H, T, Dh)
+        # split (not reshape + unbind): the backward pass then needs no stack and one copy fewer
+        q, k, v = (t.view(B, T, self.num_heads, self.head_dim).transpose(1, 2) for t in self.qkv(x).split(D, dim=-1))
+        # q, k, v: (B, H, T, Dh)
         attn = None
         if return_attention:
             # The fused kernels never materialise the weights; analysis needs them, so compute
