@@ -407,6 +407,7 @@ class _Boom:
         return (os.system, ("echo pwned > /tmp/vit-pwned",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_hostile_pickle_is_refused(tmp_path):
     path = tmp_path / "evil.pth"
     with open(path, "wb") as f:
