@@ -166,7 +166,7 @@ def shard(src: str, dst: str | None, address: str | None, overwrite: bool, **opt
         _fail(str(err))
     _init_ray(address)
     try:
-        summary = shard_corpus(cfg, overwrite=overwrite, log=click.echo)
+        summary = shard_corpus(cfg, overwrite=overwrite, progress=True, log=click.echo)
     except (ShardError, FileNotFoundError, PermissionError) as err:
         _fail(str(err))
     click.echo("")

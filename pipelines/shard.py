@@ -455,7 +455,6 @@ class ShardWriter:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         cfg = self.cfg
-        started = time.time()
         fs, dst = _fs(cfg.dst, cfg.storage_options)
         split, index = batch.column("split")[0].as_py(), int(batch.column("shard")[0].as_py())
         rows = _from_ipc(batch.column("members")[0].as_py()).sort_by("order").to_pylist()
@@ -516,16 +515,7 @@ class ShardWriter:
         marker = {"manifest": entry, "rejects": rejects}
         with _open_for_writing(fs, f"{dst}/{WORK_DIR}/done/{split}-{index:06d}.json", "w") as f:
             json.dump(marker, f)
-        return pa.table(
-            {
-                "split": [split],
-                "shard": [index],
-                "samples": [written],
-                "rejected": [len(rejects)],
-                "started": [started],
-                "finished": [time.time()],
-            }
-        )
+        return pa.table({"split": [split], "shard": [index], "samples": [written], "rejected": [len(rejects)]})
 
     def _read(self, fs, rows: list[dict]) -> Iterator[tuple[dict, bytes | Exception]]:
         """Bytes of each row, fetched concurrently in chunks (S3 latency hides behind the decode)."""
@@ -619,9 +609,10 @@ MANIFEST_SCHEMA = pa.schema(
 )
 
 
-def shard_corpus(cfg: ShardConfig, *, overwrite: bool = False, log=print) -> ShardSummary:
+def shard_corpus(cfg: ShardConfig, *, overwrite: bool = False, progress: bool = False, log=print) -> ShardSummary:
     """Run (or finish, or confirm) the sharding of ``cfg.src`` into ``cfg.dst``. Needs Ray initialised
-    (``ray.init()`` on a laptop, ``ray.init(address=...)`` on a cluster); starts a local one otherwise."""
+    (``ray.init()`` on a laptop, ``ray.init(address=...)`` on a cluster); starts a local one otherwise.
+    ``progress`` shows a bar of shards and images written (instead of Ray Data's per-operator bars)."""
     import ray
 
     if not ray.is_initialized():
@@ -717,10 +708,24 @@ def shard_corpus(cfg: ShardConfig, *, overwrite: bool = False, log=print) -> Sha
             # a fixed pool: an autoscaling one starts with a single actor and shards would queue behind it
             concurrency=max(1, min(len(work), cpus)),
         )
-        timings = [(row["started"], row["finished"]) for row in results.iter_rows()]
-        written_now = len(timings)
+        if progress:
+            ds.context.enable_progress_bars = False
+        written_now = _drain(results, len(work), sum(len(r) for r in by_shard.values()), progress)
     summary = _finish(dst_fs, dst, cfg, classes, num_shards, read, fingerprint, started, written_now)
     return summary
+
+
+def _drain(results, shards: int, images: int, progress: bool) -> int:
+    """Consume the writers' one-row results (this is what runs the job); returns the shards written."""
+    from tqdm.auto import tqdm
+
+    done = 0
+    with tqdm(total=images, unit="img", unit_scale=True, disable=not progress, desc="sharding") as bar:
+        for row in results.iter_rows():
+            done += 1
+            bar.update(row["samples"] + row["rejected"])
+            bar.set_postfix_str(f"{done}/{shards} shards")
+    return done
 
 
 def _build_index(kind: str, fs, root: str, cfg: ShardConfig, classes: list[str] | None):
