@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import TYPE_CHECKING
 
@@ -125,7 +126,7 @@ def _head_size(raw: dict, fmt: str) -> int:
     return 0
 
 
-@main.command(context_settings={"ignore_unknown_options": False})
+@main.command()
 @click.argument("src")
 @click.argument("dst", required=False)
 @click.option("--address", default=None, help="Ray cluster to run on (default: a local Ray).")
@@ -204,8 +205,6 @@ def _init_ray(address: str | None) -> None:
         ray.init(address=address, log_to_driver=False)
     else:
         # More logical CPUs than cores: the job's operators reserve CPUs and must not starve each other.
-        import os
-
         ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
 
 
