@@ -42,7 +42,7 @@ from pipelines.images import ImagePolicy, RejectedImage, normalize_image
 SourceKind = Literal["auto", "folder", "table", "tars"]
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
 SPLIT_DIRS = {"train", "val", "validation", "test", "valid"}
-TABLE_SUFFIXES = (".parquet", ".csv", ".jsonl", ".json")
+TABLE_SUFFIXES = (".parquet", ".csv", ".jsonl")
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_\-]")
 _MTIME = 1_600_000_000  # fixed tar timestamps: the same inputs give byte-identical shards
 WORK_DIR = "_work"
@@ -165,10 +165,15 @@ INDEX_SCHEMA = pa.schema(
 )
 
 
+def _default_label_table(fs, root: str) -> str | None:
+    """SRC/labels.parquet, .csv or .jsonl, whichever exists first."""
+    return next((f"{root}/labels{s}" for s in TABLE_SUFFIXES if fs.exists(f"{root}/labels{s}")), None)
+
+
 def _detect_source(fs, root: str, cfg: ShardConfig) -> str:
     if cfg.source != "auto":
         return cfg.source
-    if cfg.labels or any(fs.exists(f"{root}/labels{s}") for s in TABLE_SUFFIXES[:3]):
+    if cfg.labels or _default_label_table(fs, root):
         return "table"
     if fs.isfile(root) and root.endswith(".tar"):
         return "tars"
@@ -235,7 +240,7 @@ def _read_label_table(fs, url: str) -> pa.Table:
 def _index_label_table(fs, root: str, cfg: ShardConfig, classes: list[str] | None) -> pa.Table:
     table_url = cfg.labels
     if table_url is None:
-        table_url = next((f"{root}/labels{s}" for s in TABLE_SUFFIXES[:3] if fs.exists(f"{root}/labels{s}")), None)
+        table_url = _default_label_table(fs, root)
         if table_url is None:
             raise ShardError(f"no label table in {root} (labels.parquet, labels.csv or labels.jsonl); pass labels=")
     else:
@@ -332,7 +337,7 @@ def _tar_rows(samples: dict[str, dict], order: list[str], path: str, rel: str, c
         if not names and "cls" in sample:
             names = [sample["cls"].decode().strip()]
         offset, length = sample.get("image", (-1, 0))
-        keys.append(_KEY_UNSAFE.sub("_", key.replace("/", "__")))
+        keys.append(_key_from_path(key))  # member keys carry no extension
         paths.append(path)
         offsets.append(offset if "image" in sample else -2)  # -2: no image member at all
         lengths.append(length)
@@ -657,10 +662,10 @@ def shard_corpus(cfg: ShardConfig, *, overwrite: bool = False, progress: bool = 
     plan_rejects += duplicates
     read = index.num_rows + len(plan_rejects)
 
-    names = sorted({n for labels in index.column("labels").to_pylist() for n in labels})
-    classes = _class_list(classes_in, names)
+    all_labels = index.column("labels").to_pylist()
+    classes = _class_list(classes_in, sorted({n for labels in all_labels for n in labels}))
     class_ids = {name: i for i, name in enumerate(classes)}
-    single_label = all(len(labels) <= 1 for labels in index.column("labels").to_pylist())
+    single_label = all(len(labels) <= 1 for labels in all_labels)
     samples_per_shard = cfg.shard_samples or _samples_for_bytes(src_fs, index, cfg.shard_bytes)
     index, num_shards = _assign_shards(index, samples_per_shard, cfg.seed)
     splits, shard = index.column("split").to_pylist(), index.column("shard").to_pylist()
