@@ -198,14 +198,87 @@ def _parse_bytes(text: str) -> int:
     return int(float(value) * units[unit])
 
 
-def _init_ray(address: str | None) -> None:
+def _init_ray(address: str | None, log_to_driver: bool = False) -> None:
     import ray
 
     if address:
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address, log_to_driver=log_to_driver)
     else:
         # More logical CPUs than cores: the job's operators reserve CPUs and must not starve each other.
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=log_to_driver)
+
+
+def _train_command(recipe: str, config_path: str | None, overrides: tuple[str, ...], address: str | None) -> None:
+    from pipelines.train import TrainingDivergedError, load_train_config, plan_training, run_training
+
+    try:
+        cfg = load_train_config(recipe, config_path, overrides)
+        plan_training(cfg)  # checks the config against the shards before any cluster starts
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+    _init_ray(address, log_to_driver=True)  # the workers' progress lines
+    try:
+        result = run_training(cfg, log=click.echo)
+    except TrainingDivergedError as err:
+        _fail(str(err))
+    click.echo("")
+    for key, value in result.metrics.items():
+        if key.startswith("eval/") or key == "train/loss":
+            click.echo(f"{key:<22} {value:.4g}")
+    click.echo(f"{'steps':<22} {result.steps}")
+    click.echo(f"{'checkpoint':<22} {result.checkpoint}")
+    click.echo(f"{'weights':<22} {result.model_path}  (vit.load_model loads them)")
+
+
+_TRAIN_OPTIONS = [
+    click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), help="YAML config file."),
+    click.option("--address", default=None, help="Ray cluster to run on (default: a local Ray)."),
+    click.argument("overrides", nargs=-1),
+]
+
+
+def _train_options(fn):
+    for option in reversed(_TRAIN_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
+@main.command()
+@_train_options
+def pretrain(config_path: str | None, address: str | None, overrides: tuple[str, ...]) -> None:
+    """Pretrain a ViT on shards with the paper's recipe (Table 3) on Ray Train.
+
+    OVERRIDES are dotted settings, e.g. ``data.shards=s3://bucket/jft model=B/16 scale.strategy=fsdp``.
+    Running the same ``name`` again resumes from its latest checkpoint.
+    """
+    _train_command("pretrain", config_path, overrides, address)
+
+
+@main.command()
+@_train_options
+def finetune(config_path: str | None, address: str | None, overrides: tuple[str, ...]) -> None:
+    """Fine-tune pretrained weights on a downstream set with the paper's recipe (Table 4).
+
+    ``init_from`` names the weights: a pretraining run folder, a checkpoint folder, or a file.
+    """
+    _train_command("finetune", config_path, overrides, address)
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), help="YAML config file.")
+@click.argument("overrides", nargs=-1)
+def evaluate(config_path: str | None, overrides: tuple[str, ...]) -> None:
+    """Top-1/top-5 on a held-out split and few-shot linear accuracy (1/5/10/25 shots) of a trained model.
+
+    OVERRIDES, e.g. ``model=runs/finetune-digits shards=shards/digits split=test``.
+    """
+    from pipelines.evaluate import EvaluateConfig, evaluate_model
+
+    try:
+        cfg = load_config(EvaluateConfig, config_path, overrides)
+        evaluate_model(cfg, log=click.echo)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        _fail(str(err))
 
 
 @main.group()
@@ -287,14 +360,17 @@ def _print_corpus(summary: CorpusSummary) -> None:
 
 
 @main.command("show-config")
-@click.argument("kind", type=click.Choice(["demo"]))
+@click.argument("kind", type=click.Choice(["demo", "pretrain", "finetune", "evaluate"]))
 @click.argument("overrides", nargs=-1)
 def show_config(kind: str, overrides: tuple[str, ...]) -> None:
     """Print a job's resolved config as YAML (defaults plus OVERRIDES)."""
     from pipelines.demo import DigitsDemoConfig
+    from pipelines.evaluate import EvaluateConfig
+    from pipelines.train import CONFIGS
 
+    kinds = {"demo": DigitsDemoConfig, "evaluate": EvaluateConfig, **CONFIGS}
     try:
-        click.echo(dump_config(load_config(DigitsDemoConfig, None, overrides)), nl=False)
+        click.echo(dump_config(load_config(kinds[kind], None, overrides)), nl=False)
     except ConfigError as err:
         _fail(str(err))
 

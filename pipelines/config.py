@@ -68,13 +68,35 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
     if unknown:
         where = prefix.rstrip(".") or cls.__name__
         raise ConfigError(f"{prefix}{unknown[0]}: unknown field in {where} (known: {', '.join(sorted(fields))})")
-    kwargs = {name: _coerce(hints[name], value, prefix + name) for name, value in data.items()}
+    kwargs = {
+        name: _coerce(hints[name], _over_default(fields[name], value), prefix + name) for name, value in data.items()
+    }
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as err:
         if isinstance(err, ConfigError):
             raise
         raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {err}") from err
+
+
+def _over_default(field: dataclasses.Field, value: Any) -> Any:
+    """A partial section updates the field's own default, so ``optim: {lr: 0.1}`` keeps a recipe's other values."""
+    if not isinstance(value, Mapping) or field.default_factory is dataclasses.MISSING:
+        return value
+    default = field.default_factory()
+    if not dataclasses.is_dataclass(default):
+        return value
+    return _merge(to_dict(default), value)
+
+
+def _merge(base: dict, update: Mapping) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def to_dict(obj: Any) -> Any:

@@ -716,7 +716,7 @@ def shard_corpus(cfg: ShardConfig, *, overwrite: bool = False, progress: bool = 
         if progress:
             ds.context.enable_progress_bars = False
         written_now = _drain(results, len(work), sum(len(r) for r in by_shard.values()), progress)
-    summary = _finish(dst_fs, dst, cfg, classes, num_shards, read, fingerprint, started, written_now)
+    summary = _finish(dst_fs, dst, cfg, classes, single_label, num_shards, read, fingerprint, started, written_now)
     return summary
 
 
@@ -844,7 +844,7 @@ def _done_shards(fs, dst: str) -> set[tuple[str, int]]:
     return out
 
 
-def _finish(fs, dst, cfg, classes, num_shards, read, fingerprint, started, written_now) -> ShardSummary:
+def _finish(fs, dst, cfg, classes, single_label, num_shards, read, fingerprint, started, written_now) -> ShardSummary:
     import pyarrow.parquet as pq
 
     manifest_rows = []
@@ -876,7 +876,13 @@ def _finish(fs, dst, cfg, classes, num_shards, read, fingerprint, started, writt
             "filenames": [r["filename"] for r in rows],
             "shard_lengths": [r["samples"] for r in rows],
         }
-    info = {"name": posixpath.basename(dst), "num_classes": len(classes), "splits": splits_info}
+    # multi_label tells the trainer which loss to use (sigmoid for multi-hot targets, softmax otherwise)
+    info = {
+        "name": posixpath.basename(dst),
+        "num_classes": len(classes),
+        "multi_label": not single_label,
+        "splits": splits_info,
+    }
     with _open_for_writing(fs, f"{dst}/_info.json", "w") as f:
         json.dump(info, f, indent=1)
     summary = ShardSummary(

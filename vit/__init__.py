@@ -13,6 +13,7 @@ from vit.checkpoint import (
     load_checkpoint,
     load_model,
     save_checkpoint,
+    save_state_dict,
     to_hf_state_dict,
 )
 from vit.model import VisionTransformer, ViTConfig
@@ -32,5 +33,6 @@ __all__ = [
     "model_config",
     "resample_pos_embed",
     "save_checkpoint",
+    "save_state_dict",
     "to_hf_state_dict",
 ]

@@ -511,10 +511,15 @@ def save_checkpoint(model: VisionTransformer, path: str | os.PathLike) -> Path:
 
     The file is written to a temporary name and renamed, so a crash never leaves half a checkpoint.
     """
+    return save_state_dict(model.state_dict(), model.config, path)
+
+
+def save_state_dict(state: Mapping[str, torch.Tensor], config: ViTConfig, path: str | os.PathLike) -> Path:
+    """:func:`save_checkpoint` for weights held apart from a model, e.g. gathered from FSDP shards."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    config = dataclasses.asdict(model.config)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    config = dataclasses.asdict(config)
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:

@@ -19,6 +19,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from vit.posemb import resample_pos_embed
@@ -237,6 +238,7 @@ class VisionTransformer(nn.Module):
 
         rates = torch.linspace(0, config.drop_path, config.depth).tolist() if config.depth > 1 else [config.drop_path]
         self.blocks = nn.ModuleList([Block(config, rate, **factory) for rate in rates])
+        self.grad_checkpointing = False
         self.norm = nn.LayerNorm(D, eps=config.layer_norm_eps, **factory)
 
         self.pre_logits = (
@@ -281,6 +283,10 @@ class VisionTransformer(nn.Module):
         self.reset_head()
 
     @torch.no_grad()
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Trade compute for memory: recompute each block's activations in the backward pass."""
+        self.grad_checkpointing = enable
+
     def reset_head(self, num_classes: int | None = None) -> None:
         """Replace (when ``num_classes`` differs) and re-initialise the classifier."""
         cfg = self.config
@@ -338,7 +344,11 @@ class VisionTransformer(nn.Module):
         """Pixels (B, C, H, W) to normalised final tokens (B, T, D)."""
         x = self.embed(x)
         for block in self.blocks:
-            x = block(x)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                # Activation checkpointing: keep only each block's input, recompute the rest in backward.
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
         return self.norm(x)
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,111 @@
+"""The evaluation step: top-1/top-5 of a trained model on a held-out split, and the paper's few-shot
+linear evaluation of its frozen representation (1/5/10/25 shots, closed-form ridge regression).
+
+Runs in one process (the driver, or a Ray task placed where there is a GPU): evaluation reads a
+downstream set once, which takes minutes, not the hours that justify a worker group.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+import vit
+from pipelines.stream import ShardSet, StreamSpec, make_loader, open_shards
+from pipelines.train import local_weights, resolve_weights, topk_hits
+from vit.data import build_transform, normalize
+from vit.evaluate import fewshot_accuracy
+
+
+@dataclass(kw_only=True)
+class EvaluateConfig:
+    model: str = ""  # weights: a run, a checkpoint folder or a file (ours; .npz/timm/HF need `model_name`)
+    shards: str = ""  # the downstream set, as `vit shard` output
+    split: str = "test"  # scored for top-1/top-5 and as the few-shot test set
+    fewshot_split: str | None = "train"  # the labelled pool the k-shot examples come from; null: no few-shot
+    shots: list[int] = field(default_factory=lambda: [1, 5, 10, 25])
+    fewshot_val_per_class: int = 10  # extra pool examples per class that choose the ridge penalty
+    image_size: int | None = None  # default: the model's own resolution
+    batch_size: int = 128
+    loader_workers: int = 2
+    storage_options: dict = field(default_factory=dict)
+
+
+def evaluate_model(cfg: EvaluateConfig, log: Callable[[str], None] = print) -> dict[str, float]:
+    """``{"eval/top1", "eval/top5", "fewshot/1shot", ...}``: top-k only when the head fits the set's classes."""
+    if not cfg.model or not cfg.shards:
+        raise ValueError("model and shards are both needed")
+    started = time.perf_counter()
+    path = local_weights(resolve_weights(cfg.model, cfg.storage_options), cfg.storage_options)
+    image_size = cfg.image_size
+    model = vit.load_model(path, **({"img_size": image_size} if image_size else {}))
+    image_size = model.config.img_size
+    model.eval()
+    test = open_shards(cfg.shards, cfg.split, cfg.storage_options)
+    results: dict[str, float] = {}
+
+    if model.config.num_classes == test.num_classes:
+        hits, total = torch.zeros(2, dtype=torch.long), 0
+        with torch.no_grad():
+            for images, targets in _batches(test, cfg, image_size):
+                logits = model(images)
+                hits += torch.tensor([topk_hits(logits, targets, 1), topk_hits(logits, targets, 5)])
+                total += len(images)
+        results.update({"eval/top1": hits[0].item() / total, "eval/top5": hits[1].item() / total, "eval/images": total})
+        log(f"top-1 {results['eval/top1']:.2%}  top-5 {results['eval/top5']:.2%} on {total} {cfg.split} images")
+    else:
+        log(f"the head has {model.config.num_classes} classes, {cfg.shards} has {test.num_classes}: few-shot only")
+
+    if cfg.fewshot_split and cfg.shots:
+        pool = open_shards(cfg.shards, cfg.fewshot_split, cfg.storage_options)
+        per_class = max(cfg.shots) + cfg.fewshot_val_per_class
+        train_x, train_y = _features(model, _batches(pool, cfg, image_size), per_class, pool.num_classes)
+        test_x, test_y = _features(model, _batches(test, cfg, image_size))
+        fewshot = fewshot_accuracy(
+            train_x, train_y, test_x, test_y, pool.num_classes, cfg.shots, val_per_class=cfg.fewshot_val_per_class
+        )
+        results.update(fewshot)
+        log("few-shot " + "  ".join(f"{k.split('/')[1]} {v:.2%}" for k, v in fewshot.items()))
+    results["eval/seconds"] = time.perf_counter() - started
+    return results
+
+
+def _batches(shards: ShardSet, cfg: EvaluateConfig, image_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    spec = StreamSpec(
+        shards=shards,
+        transform=build_transform("eval", image_size),
+        batch_size=cfg.batch_size,
+        shuffle_block=1,
+        repeat=False,
+    )
+    for images, targets, _ in make_loader(spec, workers=cfg.loader_workers):
+        yield normalize(images), targets
+
+
+@torch.no_grad()
+def _features(
+    model: vit.VisionTransformer, batches, keep_per_class: int | None = None, num_classes: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen representations (pre-logits) and primary labels; at most ``keep_per_class`` per class."""
+    features, labels, counts = [], [], {}
+    for images, targets in batches:
+        primary = targets.argmax(dim=-1) if targets.ndim == 2 else targets
+        if keep_per_class is not None:
+            wanted = []
+            for i, label in enumerate(primary.tolist()):
+                if counts.get(label, 0) < keep_per_class:
+                    counts[label] = counts.get(label, 0) + 1
+                    wanted.append(i)
+            if not wanted:
+                continue
+            images, primary = images[wanted], primary[wanted]
+        features.append(model.forward_head(model.forward_features(images), pre_logits=True).float())
+        labels.append(primary)
+        if keep_per_class is not None and sum(counts.values()) >= keep_per_class * num_classes:
+            break  # every class has its examples: the rest of the pool is not needed
+    if not features:
+        raise ValueError("no images to compute features of")
+    return torch.cat(features), torch.cat(labels)

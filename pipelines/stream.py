@@ -1,0 +1,329 @@
+"""Stream WebDataset shards into training: each rank and each loader worker reads its own shards.
+
+A stream is a pure function of (seed, rank, world size, loader workers, step): which shards a
+reader gets, the order of samples inside its shuffle blocks and every sample's augmentation are all
+derived from the seed, so a run resumed at step s reads exactly the batches an uninterrupted run
+would have read from step s on. Skipping to that position costs almost nothing: whole shards are
+passed over by the sample counts in the shards' ``_info.json``, and inside a shard only tar headers
+are read, never decoded.
+
+Why this and not Ray Data (``read_webdataset`` + ``get_dataset_shard``), measured in
+``bench/train.py``: both deliver decoded batches at about the decode+augment ceiling on a
+worker's own CPUs, but Ray Data's streaming split has no resumable position (a restarted run
+would re-read an epoch from the start or skip what it never trained on), it reserves CPUs of its
+own beside the training workers (on small machines the two deadlock on the CPU budget), and it
+moves every sample through the object store. Reading the shards straight from storage in the
+training worker's own DataLoader processes keeps exact resume and costs nothing beyond the decode.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import fsspec
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from vit.data import ImageTransform, encode_labels, sample_rng
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+MAX_MEMBER_BYTES = 256 << 20  # a tar member larger than this is not an image we trained on: refuse it
+
+
+class ShardsError(ValueError):
+    """The shards cannot be read as asked: missing metadata, an unknown split, or a damaged tar."""
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    """One split of a ``vit shard`` output: its tars, their sample counts, and its label space."""
+
+    root: str
+    split: str
+    urls: tuple[str, ...]
+    lengths: tuple[int, ...]
+    num_classes: int
+    multi_label: bool
+    storage_options: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def samples(self) -> int:
+        return sum(self.lengths)
+
+
+def read_info(root: str, storage_options: dict | None = None) -> dict:
+    fs, path = fsspec.core.url_to_fs(root, **(storage_options or {}))
+    info_path = posixpath.join(path, "_info.json")
+    try:
+        return json.loads(fs.cat_file(info_path))
+    except FileNotFoundError:
+        raise ShardsError(f"{root} has no _info.json: is it the output of `vit shard`?") from None
+
+
+def open_shards(root: str, split: str, storage_options: dict | None = None) -> ShardSet:
+    """The tars of ``split`` under ``root``, from the ``_info.json`` that `vit shard` writes."""
+    info = read_info(root, storage_options)
+    splits = info.get("splits", {})
+    if split not in splits:
+        raise ShardsError(f"{root} has no split {split!r}; it has: {', '.join(sorted(splits)) or 'none'}")
+    entry = splits[split]
+    if not entry["filenames"]:
+        raise ShardsError(f"split {split!r} of {root} has no shards")
+    multi_label = info.get("multi_label")
+    if multi_label is None:  # shards written before _info.json carried it: a sample tells
+        multi_label = _first_sample_is_multi_label(root, entry["filenames"][0], storage_options)
+    return ShardSet(
+        root=root,
+        split=split,
+        urls=tuple(posixpath.join(root, name) for name in entry["filenames"]),
+        lengths=tuple(int(n) for n in entry["shard_lengths"]),
+        num_classes=int(info["num_classes"]),
+        multi_label=bool(multi_label),
+        storage_options=dict(storage_options or {}),
+    )
+
+
+def _first_sample_is_multi_label(root: str, filename: str, storage_options: dict | None) -> bool:
+    with fsspec.open(posixpath.join(root, filename), "rb", **(storage_options or {})) as f:
+        for sample in iter_tar_samples(f):
+            return "cls" not in sample
+    return False
+
+
+def iter_tar_samples(fileobj, skip: int = 0) -> Iterator[dict[str, bytes | str]]:
+    """Samples of a WebDataset tar as ``{"__key__": key, ext: bytes, ...}``; the first ``skip`` unread.
+
+    Members are grouped by key (the name up to the first dot of its basename, as WebDataset does).
+    Nothing is extracted to disk, so hostile member names cannot escape anywhere; links, folders
+    and oversized members are refused.
+    """
+    key, sample, index = None, {}, 0
+    try:
+        with tarfile.open(fileobj=fileobj, mode="r|") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                prefix, base = posixpath.split(member.name)
+                stem, dot, ext = base.partition(".")
+                if not dot:
+                    continue
+                member_key = posixpath.join(prefix, stem) if prefix else stem
+                if member_key != key:
+                    if key is not None:
+                        if index >= skip:
+                            yield sample
+                        index += 1
+                    key, sample = member_key, {"__key__": member_key}
+                if index < skip:
+                    continue  # stream mode moves past the member's data without keeping it
+                if member.size > MAX_MEMBER_BYTES:
+                    raise ShardsError(f"member {member.name!r} is {member.size} bytes, above {MAX_MEMBER_BYTES}")
+                sample[ext.lower()] = tar.extractfile(member).read()
+    except (tarfile.TarError, EOFError, OSError) as err:
+        raise ShardsError(f"damaged tar after {index} samples: {err}") from err
+    if key is not None and index >= skip:
+        yield sample
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """What one rank reads: its share of ``shards``, as batches of ``batch_size`` samples."""
+
+    shards: ShardSet
+    transform: ImageTransform
+    batch_size: int
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    shuffle_block: int = 2048  # samples shuffled together; 1 keeps the shard order
+    repeat: bool = True  # training: endless epochs; evaluation: one pass
+    start_batch: int = 0  # batches this rank already consumed: resume from there
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} outside a world of {self.world_size}")
+
+
+@dataclass(frozen=True)
+class _Portion:
+    """A reader's part of one shard: every sample, or those whose epoch index is ``offset`` mod ``stride``."""
+
+    shard: int
+    count: int  # samples of the shard this reader keeps
+    first_global: int = 0  # epoch index of the shard's first sample
+    stride: int = 1
+    offset: int = 0
+
+    def keeps(self, local_index: int) -> bool:
+        return (self.first_global + local_index) % self.stride == self.offset
+
+
+class ShardStream(IterableDataset):
+    """Batches ``(images uint8 (B,3,H,W), targets, bad_samples)`` of one rank; split further per loader worker.
+
+    A DataLoader over an IterableDataset takes batches from its workers in strict rotation, so
+    batch i of the rank comes from worker i mod W. A resumed loader starts its rotation at worker 0
+    again; each worker therefore plays the role of worker (id + start_batch) mod W, which keeps
+    the sequence identical to an uninterrupted one.
+    """
+
+    def __init__(self, spec: StreamSpec):
+        self.spec = spec
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        worker = get_worker_info()
+        workers, physical = (worker.num_workers, worker.id) if worker else (1, 0)
+        spec = self.spec
+        logical = (physical + spec.start_batch) % workers
+        done = (spec.start_batch - logical + workers - 1) // workers if spec.start_batch > logical else 0
+        reader = spec.rank * workers + logical
+        readers = spec.world_size * workers
+        samples = self._samples(reader, readers, skip=done * spec.batch_size)
+        images, targets, bad = [], [], 0
+        for epoch, sample in samples:
+            try:
+                images.append(self._image(sample, epoch))
+                targets.append(self._target(sample))
+            except ValueError as err:
+                bad += 1
+                log.warning("skipping sample %s: %s", sample.get("__key__"), err)
+                if len(images) > len(targets):
+                    images.pop()
+            if len(images) + bad == spec.batch_size:
+                yield *_collate(images, targets, spec), bad
+                images, targets, bad = [], [], 0
+        if images or bad:
+            yield *_collate(images, targets, spec), bad
+
+    # -- what a reader reads
+
+    def plan(self, epoch: int, reader: int, readers: int) -> list[_Portion]:
+        """This reader's portions of the shards in ``epoch``: whole shards when there are enough."""
+        shards = self.spec.shards
+        order = list(range(len(shards.urls)))
+        if self.spec.repeat:  # a new shard order every epoch; evaluation keeps the written order
+            np.random.default_rng([self.spec.seed, epoch, 0x5EED]).shuffle(order)
+        if len(order) >= readers:
+            return [_Portion(i, shards.lengths[i]) for i in order[reader::readers]]
+        # Fewer shards than readers: everyone reads every shard and keeps every readers-th sample.
+        portions, first = [], 0
+        for i in order:
+            n = shards.lengths[i]
+            kept = len(range((reader - first) % readers, n, readers))
+            portions.append(_Portion(i, kept, first_global=first, stride=readers, offset=reader))
+            first += n
+        return portions
+
+    def _samples(self, reader: int, readers: int, skip: int) -> Iterator[tuple[int, dict]]:
+        spec = self.spec
+        block = max(1, spec.shuffle_block) if spec.repeat else 1
+        epoch = 0
+        while True:
+            plan = self.plan(epoch, reader, readers)
+            total = sum(p.count for p in plan)
+            if total == 0:
+                if spec.repeat:
+                    raise ShardsError(f"reader {reader} of {readers} gets no samples from {spec.shards.root}")
+                return
+            if spec.repeat and skip >= total:  # a whole epoch already trained on
+                skip -= total
+                epoch += 1
+                continue
+            first_block, skip_in_block = divmod(skip, block)
+            raw = self._read(plan, start=first_block * block)
+            for b, chunk in enumerate(_chunks(raw, block)):
+                order = range(len(chunk))
+                if block > 1:
+                    order = np.random.default_rng([spec.seed, epoch, reader, first_block + b]).permutation(len(chunk))
+                for i in order[skip_in_block:]:
+                    yield epoch, chunk[i]
+                skip_in_block = 0
+            if not spec.repeat:
+                return
+            epoch, skip = epoch + 1, 0
+
+    def _read(self, plan: list[_Portion], start: int) -> Iterator[dict]:
+        """The samples of ``plan`` in order, from the ``start``-th on; skipped shards are never opened."""
+        shards = self.spec.shards
+        for portion in plan:
+            if start >= portion.count:
+                start -= portion.count
+                continue
+            url = shards.urls[portion.shard]
+            with fsspec.open(url, "rb", **shards.storage_options) as f:
+                if portion.stride == 1:
+                    seen = start
+                    for sample in iter_tar_samples(f, skip=start):
+                        seen += 1
+                        yield sample
+                else:
+                    seen = 0
+                    for local, sample in enumerate(iter_tar_samples(f)):
+                        if portion.keeps(local):
+                            seen += 1
+                            if seen > start:
+                                yield sample
+            if seen != portion.count:
+                raise ShardsError(f"{url} holds {seen} samples for this reader; _info.json promised {portion.count}")
+            start = 0
+
+    def _image(self, sample: dict, epoch: int) -> torch.Tensor:
+        data = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
+        if data is None:
+            raise ValueError(f"no image member (one of {', '.join(IMAGE_EXTENSIONS)})")
+        return self.spec.transform(data, sample_rng(self.spec.seed, epoch, sample["__key__"]))
+
+    def _target(self, sample: dict) -> torch.Tensor:
+        if "json" in sample:
+            ids = json.loads(sample["json"])["label_ids"]
+        elif "cls" in sample:
+            ids = [int(sample["cls"])]
+        else:
+            raise ValueError("no label (json with label_ids, or cls)")
+        return encode_labels(ids, self.spec.shards.num_classes, multi_label=self.spec.shards.multi_label)
+
+
+def _chunks(items: Iterator[dict], size: int) -> Iterator[list[dict]]:
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _collate(images: list[torch.Tensor], targets: list[torch.Tensor], spec: StreamSpec):
+    if not images:  # every sample of the batch was bad: an empty batch keeps the ranks in step
+        size = spec.transform.size
+        empty_targets = (
+            torch.zeros(0, spec.shards.num_classes) if spec.shards.multi_label else torch.zeros(0, dtype=torch.long)
+        )
+        return torch.zeros(0, 3, size, size, dtype=torch.uint8), empty_targets
+    return torch.stack(images), torch.stack(targets)
+
+
+def make_loader(spec: StreamSpec, *, workers: int = 2, pin_memory: bool = False) -> DataLoader:
+    """A DataLoader of ``spec``'s batches, decoded in ``workers`` processes (0: in this process)."""
+    return DataLoader(
+        ShardStream(spec),
+        batch_size=None,  # the stream batches itself
+        num_workers=workers,
+        pin_memory=pin_memory,
+        prefetch_factor=4 if workers else None,
+        persistent_workers=False,
+        # The loader seeds its workers from its own generator, not the global one: dropout and stochastic
+        # depth then draw the same numbers whether a run was resumed (a new loader) or not.
+        generator=torch.Generator().manual_seed(spec.seed),
+    )

@@ -1,0 +1,759 @@
+"""Pretraining and fine-tuning on Ray Train: the driver, and the loop every worker runs.
+
+    cfg = load_config(PretrainConfig, "configs/jft-b16.yaml", ["data.shards=s3://bucket/jft"])
+    result = run_training(cfg)
+
+One loop serves both recipes, both strategies (DDP, FSDP2) and both device kinds (CPU with gloo,
+GPU with nccl). The whole training state is checkpointed through ``ray.train.report``: model and
+optimizer with ``torch.distributed.checkpoint`` (each rank writes its own shard, Ray gathers them
+into one folder), each rank's RNG, and the step, from which the learning rate and the data position
+follow. A restarted worker group (``FailureConfig``) or a re-run with the same ``name`` continues
+from the latest checkpoint and reads exactly the batches an uninterrupted run would have read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import posixpath
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import fsspec
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import vit
+from pipelines.config import ConfigError, from_dict, to_dict
+from pipelines.stream import ShardSet, StreamSpec, make_loader, open_shards, read_info
+from vit.data import build_transform, normalize
+from vit.model import VisionTransformer
+from vit.train import OptimConfig, build_optimizer, classification_loss, lr_at, set_lr
+
+Strategy = Literal["ddp", "fsdp"]
+Precision = Literal["auto", "fp32", "bf16"]
+Recipe = Literal["pretrain", "finetune"]
+
+MODEL_FILE = "model.safetensors"  # the portable weights in every checkpoint: vit.load_model reads them
+STATE_FILE = "trainer_state.json"
+HISTORY_FILE = "metrics.jsonl"
+
+# Dense bf16 peak FLOP/s of accelerators we know, for MFU (model FLOPs utilisation).
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss or the gradient norm became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    shards: str = ""  # a `vit shard` output folder: a path or an fsspec URL (s3://...)
+    train_split: str = "train"
+    eval_split: str | None = "auto"  # "auto": val, else test, when the shards have one; null: no evaluation
+    image_size: int = 224
+    resize_size: int | None = None  # fine-tuning and evaluation resize to this before cropping
+    flip: bool = True  # random horizontal flips (off for digits or text, where a mirror image is another class)
+    loader_workers: int = 2  # decoding processes per training worker (0: decode in the training process)
+    shuffle_block: int = 2048  # samples shuffled together as they stream in
+    storage_options: dict = field(default_factory=dict)  # fsspec options for the shards (S3 endpoint, keys)
+
+
+@dataclass(kw_only=True)
+class ScaleConfig:
+    num_workers: int = 2  # training processes: one per GPU, or CPU workers in local mode
+    use_gpu: bool | None = None  # None: when the Ray cluster has GPUs
+    cpus_per_worker: float = 1.0
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    strategy: Strategy = "ddp"
+    precision: Precision = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile each encoder block
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    recipe: Recipe = "pretrain"
+    name: str = ""  # the run's folder under storage_path; running the same name again resumes it
+    storage_path: str = "runs"  # checkpoints and history: a path or s3://...
+    storage_options: dict = field(default_factory=dict)  # fsspec options for storage_path
+    model: str | None = "B/16"  # a name from `vit models`; null when fine-tuning takes it from init_from
+    model_args: dict = field(default_factory=dict)  # ViTConfig fields over the variant's, e.g. {dropout: 0.1}
+    representation_layer: bool = True  # the tanh pre-logits layer of pretraining (eq. 4)
+    init_from: str | None = None  # weights to start from: a run, a checkpoint folder, or a file (.npz/timm/HF too)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(
+            name="adamw", lr=8e-4, weight_decay=0.1, betas=(0.9, 0.999), schedule="linear", warmup_steps=10_000
+        )
+    )
+    loss: Literal["auto", "softmax", "sigmoid"] = "auto"  # auto: sigmoid for multi-label shards
+    batch_size: int = 4096  # global: images per optimizer step over all workers
+    micro_batch_size: int | None = None  # images per worker per forward; smaller accumulates gradients
+    steps: int | None = None  # total optimizer steps ...
+    epochs: float | None = 7.0  # ... or passes over the training split (used when steps is null)
+    ema_decay: float | None = None  # Polyak averaging of the weights (the paper uses 0.9999 for fine-tuning)
+    log_every: int = 50
+    eval_every: int | None = None  # steps between held-out evaluations; null: only at the end
+    eval_batch_size: int | None = None  # per worker; default the micro batch
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    max_failures: int = 3  # restarts of the worker group after a worker or node dies
+    seed: int = 0
+    halt_after_steps: int | None = None  # stop (with a checkpoint) after this many steps; the same name resumes
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.steps is None and self.epochs is None:
+            raise ValueError("steps or epochs must be given")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+
+
+@dataclass(kw_only=True)
+class PretrainConfig(TrainConfig):
+    """Table 3 of the paper: Adam (0.9, 0.999), weight decay 0.1, batch 4096, 10k warmup steps then
+    linear decay, 224 px with inception crop and flip, sigmoid loss (head bias -10) on multi-label data."""
+
+
+@dataclass(kw_only=True)
+class FinetuneConfig(TrainConfig):
+    """Table 4: SGD with momentum 0.9, no weight decay, batch 512, cosine decay with warmup, clipping at
+    global norm 1, 384 px (position embeddings resampled), a new zero-initialised head, no pre-logits."""
+
+    recipe: Recipe = "finetune"
+    model: str | None = None
+    representation_layer: bool = False
+    data: DataConfig = field(default_factory=lambda: DataConfig(image_size=384))
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(
+            name="sgd", lr=0.01, weight_decay=0.0, momentum=0.9, schedule="cosine", warmup_steps=500
+        )
+    )
+    batch_size: int = 512
+    steps: int | None = 10_000
+    epochs: float | None = None
+
+
+CONFIGS: dict[str, type[TrainConfig]] = {"pretrain": PretrainConfig, "finetune": FinetuneConfig}
+
+
+@dataclass
+class TrainResult:
+    name: str
+    run_dir: str  # the run's folder: checkpoints and history
+    checkpoint: str  # the latest checkpoint folder (holds model.safetensors)
+    model_path: str  # the trained weights, loadable with vit.load_model
+    steps: int
+    metrics: dict[str, float]  # of the final step and evaluation
+    history: list[dict]  # a record per logged step
+    segments: list[list[int]]  # [first, last) steps trained by each attempt, resumes included
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What the driver works out once and every worker needs."""
+
+    config: dict
+    total_steps: int
+    micro_batch: int
+    accum_steps: int
+    num_classes: int
+    multi_label: bool
+    train_samples: int
+    eval_split: str | None
+
+
+# ------------------------------------------------------------------------------------------------------------- driver
+
+
+def plan_training(cfg: TrainConfig) -> _Plan:
+    """Check ``cfg`` against the shards and work out steps, micro batches and the label space."""
+    if not cfg.data.shards:
+        raise ConfigError("data.shards: no shards given (the output folder of `vit shard`)")
+    if cfg.recipe == "finetune" and cfg.init_from is None:
+        raise ConfigError("init_from: fine-tuning needs the weights to start from (a run, checkpoint or file)")
+    if cfg.model is None and cfg.init_from is None:
+        raise ConfigError("model: no model given and no init_from to take one from")
+    info = read_info(cfg.data.shards, cfg.data.storage_options)
+    train = open_shards(cfg.data.shards, cfg.data.train_split, cfg.data.storage_options)
+    eval_split = cfg.data.eval_split
+    if eval_split == "auto":
+        eval_split = next((s for s in ("val", "test") if s in info.get("splits", {})), None)
+    elif eval_split is not None and eval_split not in info.get("splits", {}):
+        raise ConfigError(f"data.eval_split: the shards have no split {eval_split!r}")
+
+    workers = cfg.scale.num_workers
+    if cfg.batch_size % workers:
+        raise ConfigError(f"batch_size: {cfg.batch_size} does not split evenly over {workers} workers")
+    per_worker = cfg.batch_size // workers
+    micro = cfg.micro_batch_size or per_worker
+    if per_worker % micro:
+        raise ConfigError(f"micro_batch_size: {micro} does not divide the {per_worker} images per worker and step")
+    steps = cfg.steps if cfg.steps is not None else math.ceil(cfg.epochs * train.samples / cfg.batch_size)
+    if steps < 1:
+        raise ConfigError("steps: the run would take no steps")
+    if cfg.optim.warmup_steps >= steps and steps > 1:
+        raise ConfigError(f"optim.warmup_steps: {cfg.optim.warmup_steps} warmup steps of a {steps}-step run")
+    config = to_dict(cfg)
+    # Workers run in folders of their own: every local path they are given must be absolute.
+    config["data"]["shards"] = _absolute(cfg.data.shards)
+    config["storage_path"] = _absolute(cfg.storage_path)
+    if cfg.init_from:
+        config["init_from"] = _absolute(cfg.init_from)
+    return _Plan(
+        config=config,
+        total_steps=steps,
+        micro_batch=micro,
+        accum_steps=per_worker // micro,
+        num_classes=train.num_classes,
+        multi_label=train.multi_label,
+        train_samples=train.samples,
+        eval_split=eval_split,
+    )
+
+
+def run_training(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
+    """Train on the current Ray cluster (``ray.init`` first); resume the run ``cfg.name`` if it exists."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    plan = plan_training(cfg)
+    name = cfg.name or f"{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
+    storage_path, storage_filesystem = _storage(cfg)
+    use_gpu = cfg.scale.use_gpu
+    if use_gpu is None:
+        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    log(
+        f"{cfg.recipe}: {cfg.model or 'model of ' + str(cfg.init_from)} on {plan.train_samples} images "
+        f"({plan.num_classes} classes, {'multi' if plan.multi_label else 'single'}-label), "
+        f"{plan.total_steps} steps of {cfg.batch_size} = {cfg.scale.num_workers} workers x {plan.micro_batch} "
+        f"x {plan.accum_steps} accumulation, {cfg.scale.strategy} on {'GPU' if use_gpu else 'CPU'}; run {name!r}"
+    )
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config=dataclasses.asdict(plan),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.scale.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": cfg.scale.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+            placement_strategy=cfg.scale.placement_strategy,
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+        ),
+    )
+    result = trainer.fit()
+    outcome = result.return_value or {}
+    if outcome.get("status") == "diverged":
+        raise TrainingDivergedError(
+            f"{outcome['reason']} at step {outcome['step']}; stopped. The last good checkpoint is "
+            f"{result.checkpoint.path if result.checkpoint else 'none (it diverged before the first)'}"
+        )
+    run_dir = posixpath.join(storage_path if "://" not in cfg.storage_path else cfg.storage_path, name)
+    checkpoint = posixpath.join(run_dir, posixpath.basename(result.checkpoint.path))
+    return TrainResult(
+        name=name,
+        run_dir=run_dir,
+        checkpoint=checkpoint,
+        model_path=posixpath.join(checkpoint, MODEL_FILE),
+        steps=outcome.get("step", 0),
+        metrics=outcome.get("metrics", {}),
+        history=outcome.get("history", []),
+        segments=outcome.get("segments", []),
+    )
+
+
+def load_train_config(recipe: Recipe, path: str | None, overrides: tuple[str, ...] | list[str]) -> TrainConfig:
+    from pipelines.config import load_config
+
+    return load_config(CONFIGS[recipe], path, overrides)
+
+
+def _absolute(location: str) -> str:
+    return location if "://" in location else os.path.abspath(location)
+
+
+def _storage(cfg: TrainConfig):
+    """Ray's storage path and, for fsspec options (an S3 endpoint), a pyarrow filesystem wrapping s3fs."""
+    if "://" not in cfg.storage_path:
+        return os.path.abspath(cfg.storage_path), None
+    if not cfg.storage_options:
+        return cfg.storage_path, None  # pyarrow resolves s3:// itself (AWS_* variables)
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, path = fsspec.core.url_to_fs(cfg.storage_path, **cfg.storage_options)
+    return path, PyFileSystem(FSSpecHandler(fs))
+
+
+# ------------------------------------------------------------------------------------------------------------- worker
+
+
+def _train_worker(plan_dict: dict) -> dict:
+    """The loop every Ray Train worker runs (Ray has set up the process group)."""
+    import ray.train
+    import ray.train.torch
+
+    plan = _Plan(**plan_dict)
+    cfg = from_dict(CONFIGS[plan.config["recipe"]], plan.config)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    loop = _Loop(cfg, plan, rank=rank, world=world, device=device)
+    return loop.run()
+
+
+class _Loop:
+    def __init__(self, cfg: TrainConfig, plan: _Plan, *, rank: int, world: int, device: torch.device):
+        self.cfg, self.plan, self.rank, self.world, self.device = cfg, plan, rank, world, device
+        self.bf16 = cfg.scale.precision == "bf16" or (cfg.scale.precision == "auto" and device.type == "cuda")
+        torch.manual_seed(cfg.seed)  # every rank builds the same initial weights
+        self.model = build_model(cfg, plan.num_classes, plan.multi_label)
+        self.model.to(device)
+        self.flops_per_image = self.model.flops_per_image()
+        self.wrapped = self._parallelize(self.model)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.ema = [p.detach().clone() for p in self.model.parameters()] if cfg.ema_decay else None
+        self.step = 0
+        self.history: list[dict] = []
+        self.segments: list[list[int]] = []
+        self.eval_metrics: dict[str, float] = {}
+
+    # -- setup
+
+    def _parallelize(self, model: VisionTransformer) -> nn.Module:
+        scale = self.cfg.scale
+        if scale.activation_checkpointing:
+            model.set_grad_checkpointing(True)
+        if scale.compile:
+            for block in model.blocks:
+                block.compile()
+        if self.world == 1:
+            return model
+        if scale.strategy == "fsdp":
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if self.bf16 else None
+            kwargs = {"mp_policy": policy} if policy else {}
+            for block in model.blocks:  # one all-gather per block, overlapped with the previous block's compute
+                fully_shard(block, **kwargs)
+            fully_shard(model, **kwargs)
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda" else None)
+
+    def _loader(self, split: str, *, train: bool, start_batch: int = 0):
+        cfg, plan = self.cfg, self.plan
+        shards: ShardSet = open_shards(cfg.data.shards, split, cfg.data.storage_options)
+        recipe = cfg.recipe if train else "eval"
+        spec = StreamSpec(
+            shards=shards,
+            transform=build_transform(recipe, cfg.data.image_size, cfg.data.resize_size, flip=cfg.data.flip),
+            batch_size=plan.micro_batch if train else (cfg.eval_batch_size or plan.micro_batch),
+            seed=cfg.seed,
+            rank=self.rank,
+            world_size=self.world,
+            shuffle_block=cfg.data.shuffle_block if train else 1,
+            repeat=train,
+            start_batch=start_batch,
+        )
+        return make_loader(spec, workers=cfg.data.loader_workers, pin_memory=self.device.type == "cuda")
+
+    # -- the run
+
+    def run(self) -> dict:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            with checkpoint.as_directory() as folder:
+                self._restore(Path(folder))
+        first_step = self.step
+        self.segments.append([first_step, first_step])
+        if self.rank == 0:
+            how = f"resuming at step {first_step}" if first_step else "starting"
+            print(f"[vit] {how}: {self.plan.total_steps} steps", flush=True)
+
+        total = self.plan.total_steps
+        stop_at = min(total, self.cfg.halt_after_steps or total)
+        batches = iter(
+            self._loader(self.cfg.data.train_split, train=True, start_batch=self.step * self.plan.accum_steps)
+        )
+        window = _Window()
+        while self.step < stop_at:
+            lr = lr_at(self.step, total, self.cfg.optim)
+            metrics = self._train_step(batches, lr, window)
+            if metrics is None:  # diverged: every rank sees the same global gradient norm, so all stop here
+                return self._diverged(window.last_reason)
+            self.step += 1
+            self.segments[-1][1] = self.step
+            finished = self.step == stop_at
+            evaluate = self.plan.eval_split and (
+                self.step == total or (self.cfg.eval_every and self.step % self.cfg.eval_every == 0)
+            )
+            if evaluate:
+                with window.paused():
+                    self.eval_metrics = self.evaluate(self.plan.eval_split)
+                metrics.update(self.eval_metrics)
+            if self.step % self.cfg.log_every == 0 or finished or evaluate:
+                record = {"step": self.step, "epoch": self._epoch(), **metrics, **window.flush(self)}
+                self.history.append(record)
+                if self.rank == 0:
+                    print("[vit] " + _format_record(record), flush=True)
+            if self.step % self.cfg.checkpoint_every == 0 or finished:
+                with window.paused():
+                    self._checkpoint(metrics)
+            elif self.step % self.cfg.log_every == 0:
+                ray.train.report({"step": self.step, **metrics})
+        status = "finished" if self.step == total else "halted"
+        return {
+            "status": status,
+            "step": self.step,
+            "metrics": {**(self.history[-1] if self.history else {}), **self.eval_metrics},
+            "history": self.history,
+            "segments": self.segments,
+        }
+
+    def _epoch(self) -> float:
+        return self.step * self.cfg.batch_size / max(1, self.plan.train_samples)
+
+    def _train_step(self, batches: Iterator, lr: float, window: _Window) -> dict[str, float] | None:
+        """One optimizer step over ``accum_steps`` micro-batches; None when the gradients are not finite."""
+        model, optimizer, accum = self.wrapped, self.optimizer, self.plan.accum_steps
+        set_lr(optimizer, lr)
+        model.train()
+        loss_sum, images_seen, bad = 0.0, 0, 0
+        for micro in range(accum):
+            started = time.perf_counter()
+            images, targets, n_bad = next(batches)
+            window.data_seconds += time.perf_counter() - started
+            images = normalize(images.to(self.device, non_blocking=True))
+            targets = targets.to(self.device, non_blocking=True)
+            last = micro == accum - 1
+            with self._no_sync(not last), self._autocast():
+                logits = model(images)
+                if len(images):
+                    loss = classification_loss(logits.float(), targets)
+                else:  # every sample of this micro-batch was undecodable: still take part in the collectives
+                    loss = logits.sum() * 0.0
+            (loss / accum).backward()
+            loss_sum += loss.detach().float().item() if len(images) else 0.0
+            images_seen += len(images)
+            bad += n_bad
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        clip = self.cfg.optim.grad_clip_norm
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else float("inf"))
+        grad_norm = _local(grad_norm).item()
+        if not math.isfinite(grad_norm) or not math.isfinite(loss_sum):
+            optimizer.zero_grad(set_to_none=True)
+            window.last_reason = f"non-finite {'gradient norm' if math.isfinite(loss_sum) else 'loss'}"
+            return None
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            with torch.no_grad():
+                for avg, p in zip(self.ema, self.model.parameters()):
+                    avg.lerp_(p.detach(), 1.0 - self.cfg.ema_decay)
+        window.images += images_seen
+        window.bad += bad
+        window.loss += loss_sum / accum
+        window.steps += 1
+        return {"train/lr": lr, "train/grad_norm": grad_norm}
+
+    def _no_sync(self, skip_sync: bool):
+        """Gradient accumulation: only the last micro-batch of a step reduces gradients across workers."""
+        if self.world == 1 or not skip_sync:
+            if self.cfg.scale.strategy == "fsdp" and self.world > 1:
+                self.model.set_requires_gradient_sync(True)
+            return contextlib.nullcontext()
+        if self.cfg.scale.strategy == "fsdp":
+            self.model.set_requires_gradient_sync(False)
+            return contextlib.nullcontext()
+        return self.wrapped.no_sync()
+
+    def _autocast(self):
+        if not self.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def _diverged(self, reason: str) -> dict:
+        if self.rank == 0:
+            print(f"[vit] {reason} at step {self.step + 1}: stopping; the last checkpoint is kept", flush=True)
+        return {"status": "diverged", "reason": reason, "step": self.step + 1, "segments": self.segments}
+
+    # -- evaluation
+
+    @torch.no_grad()
+    def evaluate(self, split: str) -> dict[str, float]:
+        """Top-1/top-5 over the whole split, each rank scoring its share (with the averaged weights if any)."""
+        ks = (1, 5)
+        with self._ema_weights():
+            self.wrapped.eval()
+            counts = torch.zeros(len(ks) + 1, dtype=torch.float64)
+            batches = 0
+            for images, targets, _ in self._loader(split, train=False):
+                logits = self._eval_forward(images)
+                counts[:-1] += torch.tensor([topk_hits(logits.float().cpu(), targets, k) for k in ks])
+                counts[-1] += len(images)
+                batches += 1
+            # FSDP ranks must run the same number of forwards: the ones with fewer batches run empty ones.
+            most = torch.tensor([batches], dtype=torch.long, device=self._comm_device())
+            if self.world > 1:
+                dist.all_reduce(most, op=dist.ReduceOp.MAX)
+                for _ in range(int(most.item()) - batches):
+                    size = self.cfg.data.image_size
+                    self._eval_forward(torch.zeros(1, 3, size, size, dtype=torch.uint8))
+                counts = counts.to(self._comm_device())
+                dist.all_reduce(counts)
+                counts = counts.cpu()
+        total = counts[-1].item()
+        if total == 0:
+            return {}
+        return {f"eval/top{k}": counts[i].item() / total for i, k in enumerate(ks)} | {"eval/images": total}
+
+    def _eval_forward(self, images: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            return self.wrapped(normalize(images.to(self.device, non_blocking=True)))
+
+    def _comm_device(self) -> torch.device:
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
+
+    @contextlib.contextmanager
+    def _ema_weights(self):
+        if self.ema is None:
+            yield
+            return
+        live = [p.detach().clone() for p in self.model.parameters()]
+        with torch.no_grad():
+            for p, avg in zip(self.model.parameters(), self.ema):
+                p.copy_(avg)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, saved in zip(self.model.parameters(), live):
+                    p.copy_(saved)
+
+    # -- checkpoints
+
+    def _checkpoint(self, metrics: dict) -> None:
+        import ray.train
+        import torch.distributed.checkpoint as dcp
+        from ray.train import Checkpoint
+
+        with tempfile.TemporaryDirectory(prefix="vit-ckpt-") as folder:
+            folder = Path(folder)
+            state = self._state_dict()
+            dcp.save(state, checkpoint_id=str(folder / "state"))
+            torch.save(_rng_state(), folder / f"rng-{self.rank}.pt")
+            weights = self._full_weights()  # a collective under FSDP: every rank takes part
+            if self.rank == 0:
+                vit.save_state_dict(weights, self.model.config, folder / MODEL_FILE)
+                trainer_state = {
+                    "step": self.step,
+                    "total_steps": self.plan.total_steps,
+                    "samples_seen": self.step * self.cfg.batch_size,
+                    "batches_per_rank": self.step * self.plan.accum_steps,
+                    "world_size": self.world,
+                    "segments": self.segments,
+                    "eval": self.eval_metrics,
+                    "config": self.plan.config,
+                }
+                (folder / STATE_FILE).write_text(json.dumps(trainer_state, indent=1))
+                (folder / HISTORY_FILE).write_text("".join(json.dumps(r) + "\n" for r in self.history))
+            ray.train.report(
+                {"step": self.step, **metrics},
+                checkpoint=Checkpoint.from_directory(folder),
+                checkpoint_dir_name=f"checkpoint-{self.step:08d}",
+            )
+
+    def _state_dict(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_state, "optim": optim_state}
+        if self.ema is not None:
+            names = [n for n, _ in self.model.named_parameters()]
+            state["ema"] = dict(zip(names, self.ema))
+        return state
+
+    def _restore(self, folder: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        trainer_state = json.loads((folder / STATE_FILE).read_text())
+        state = self._state_dict()
+        dcp.load(state, checkpoint_id=str(folder / "state"))
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        if self.ema is not None:
+            with torch.no_grad():
+                for avg, saved in zip(self.ema, state["ema"].values()):
+                    avg.copy_(saved)
+        self.step = trainer_state["step"]
+        self.segments = trainer_state["segments"]
+        self.eval_metrics = trainer_state.get("eval", {})
+        history = folder / HISTORY_FILE
+        if history.exists():
+            self.history = [json.loads(line) for line in history.read_text().splitlines() if line]
+        rng = folder / f"rng-{self.rank}.pt"
+        if rng.exists() and trainer_state.get("world_size") == self.world:
+            _set_rng_state(torch.load(rng, weights_only=True))
+
+    def _full_weights(self) -> dict[str, torch.Tensor]:
+        """The whole model on rank 0's CPU (the averaged weights when Polyak averaging is on)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        with self._ema_weights():
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            return get_model_state_dict(self.model, options=options)
+
+
+class _Window:
+    """Health figures accumulated between two log lines."""
+
+    def __init__(self):
+        self.started = time.perf_counter()
+        self.data_seconds = 0.0
+        self.images = self.bad = self.steps = 0
+        self.loss = 0.0
+        self.last_reason = ""
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Evaluation and checkpoints are not training time: keep them out of the rates."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.started += time.perf_counter() - started
+
+    def flush(self, loop: _Loop) -> dict[str, float]:
+        seconds = max(time.perf_counter() - self.started, 1e-9)
+        per_worker = self.images / seconds
+        figures = {
+            "train/loss": self.loss / max(1, self.steps),
+            "train/images_per_s": per_worker * loop.world,
+            "train/images_per_s_per_worker": per_worker,
+            "train/data_wait": self.data_seconds / seconds,
+        }
+        if self.bad:
+            figures["train/bad_samples"] = self.bad
+        peak = _peak_flops(loop.device) if loop.bf16 else None
+        if peak:
+            figures["train/mfu"] = 3 * loop.flops_per_image * per_worker / peak
+        self.__init__()
+        return figures
+
+
+def _format_record(record: dict) -> str:
+    parts = [f"step {record['step']}", f"epoch {record['epoch']:.2f}"]
+    for key, value in record.items():
+        if key in ("step", "epoch"):
+            continue
+        short = key.split("/", 1)[-1]
+        parts.append(f"{short} {value:.4g}" if isinstance(value, float) else f"{short} {value}")
+    return "  ".join(parts)
+
+
+def _local(value: torch.Tensor) -> torch.Tensor:
+    """A DTensor's value (FSDP's global gradient norm is replicated on every rank)."""
+    return value.full_tensor() if hasattr(value, "full_tensor") else value
+
+
+def _peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def topk_hits(logits: torch.Tensor, targets: torch.Tensor, k: int) -> int:
+    """Samples whose top-k predictions include a true label (class ids (B,) or multi-hot (B, K))."""
+    top = logits.topk(min(k, logits.shape[-1]), dim=-1).indices
+    if targets.ndim == 1:
+        return int((top == targets[:, None]).any(dim=-1).sum())
+    return int((targets.gather(1, top) > 0).any(dim=-1).sum())
+
+
+# ------------------------------------------------------------------------------------------------------------- models
+
+
+def build_model(cfg: TrainConfig, num_classes: int, multi_label: bool) -> VisionTransformer:
+    """The model of ``cfg``: fresh, or from ``init_from`` with a new zero head and resampled E_pos."""
+    sigmoid = cfg.loss == "sigmoid" or (cfg.loss == "auto" and multi_label)
+    overrides: dict[str, Any] = {"img_size": cfg.data.image_size, "num_classes": num_classes}
+    overrides["head_bias_init"] = -10.0 if sigmoid else 0.0  # big_vision's start for sigmoid pretraining
+    overrides.update(cfg.model_args)
+    if cfg.init_from is None:
+        return vit.create_model(cfg.model, **{**_representation(cfg, cfg.model), **overrides})
+    path = local_weights(resolve_weights(cfg.init_from, cfg.storage_options), cfg.storage_options)
+    if cfg.model is None:
+        model = vit.load_model(path, representation_size=None, **overrides)
+    else:
+        model = vit.create_model(cfg.model, **{**_representation(cfg, cfg.model), **overrides})
+        vit.load_checkpoint(model, path)
+    model.reset_head()  # the paper replaces the whole head by a zero-initialised one
+    return model
+
+
+def _representation(cfg: TrainConfig, variant: str) -> dict:
+    if not cfg.representation_layer:
+        return {}
+    return {"representation_size": vit.model_config(variant).width}
+
+
+def resolve_weights(location: str, storage_options: dict | None = None) -> str:
+    """A weights file from a file, a checkpoint folder (its model.safetensors) or a run (its latest checkpoint)."""
+    fs, path = fsspec.core.url_to_fs(location, **(storage_options or {}))
+    if fs.isfile(path):
+        return location
+    if fs.isfile(posixpath.join(path, MODEL_FILE)):
+        return posixpath.join(location, MODEL_FILE)
+    checkpoints = sorted(
+        p
+        for p in fs.ls(path, detail=False)
+        if posixpath.basename(p).startswith("checkpoint-") and fs.isfile(posixpath.join(p, MODEL_FILE))
+    )
+    if not checkpoints:
+        raise FileNotFoundError(f"{location}: no weights file, checkpoint folder or run with checkpoints")
+    return posixpath.join(location, posixpath.basename(checkpoints[-1]), MODEL_FILE)
+
+
+def local_weights(location: str, storage_options: dict | None = None) -> str:
+    """A local path of ``location``, downloading remote files into a temporary folder."""
+    fs, path = fsspec.core.url_to_fs(location, **(storage_options or {}))
+    if "file" in fs.protocol:
+        return path
+    target = Path(tempfile.mkdtemp(prefix="vit-weights-")) / posixpath.basename(path)
+    fs.get(path, str(target))
+    return str(target)
