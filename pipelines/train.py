@@ -45,6 +45,7 @@ Recipe = Literal["pretrain", "finetune"]
 MODEL_FILE = "model.safetensors"  # the portable weights in every checkpoint: vit.load_model reads them
 STATE_FILE = "trainer_state.json"
 HISTORY_FILE = "metrics.jsonl"
+COMMITTED_FILE = "COMMITTED"  # written once every rank's part of a checkpoint is in storage
 
 # Dense bf16 peak FLOP/s of accelerators we know, for MFU (model FLOPs utilisation).
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
@@ -173,6 +174,8 @@ class _Plan:
     multi_label: bool
     train_samples: int
     eval_split: str | None
+    name: str  # the run's folder under storage_path
+    run_dir: str  # storage_path/name: a path or a URL
 
 
 # ------------------------------------------------------------------------------------------------------------- driver
@@ -206,6 +209,7 @@ def plan_training(cfg: TrainConfig) -> _Plan:
         raise ConfigError("steps: the run would take no steps")
     if cfg.optim.warmup_steps >= steps and steps > 1:
         raise ConfigError(f"optim.warmup_steps: {cfg.optim.warmup_steps} warmup steps of a {steps}-step run")
+    name = cfg.name or f"{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
     config = to_dict(cfg)
     # Workers run in folders of their own: every local path they are given must be absolute.
     config["data"]["shards"] = _absolute(cfg.data.shards)
@@ -221,6 +225,8 @@ def plan_training(cfg: TrainConfig) -> _Plan:
         multi_label=train.multi_label,
         train_samples=train.samples,
         eval_split=eval_split,
+        name=name,
+        run_dir=posixpath.join(config["storage_path"], name),
     )
 
 
@@ -231,7 +237,7 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainR
     from ray.train.torch import TorchTrainer
 
     plan = plan_training(cfg)
-    name = cfg.name or f"{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = plan.name
     storage_path, storage_filesystem = _storage(cfg)
     use_gpu = cfg.scale.use_gpu
     if use_gpu is None:
@@ -266,7 +272,7 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainR
             f"{outcome['reason']} at step {outcome['step']}; stopped. The last good checkpoint is "
             f"{result.checkpoint.path if result.checkpoint else 'none (it diverged before the first)'}"
         )
-    run_dir = posixpath.join(storage_path if "://" not in cfg.storage_path else cfg.storage_path, name)
+    run_dir = plan.run_dir
     checkpoint = posixpath.join(run_dir, posixpath.basename(result.checkpoint.path))
     return TrainResult(
         name=name,
@@ -379,12 +385,10 @@ class _Loop:
     # -- the run
 
     def run(self) -> dict:
-        import ray.train
 
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is not None:
-            with checkpoint.as_directory() as folder:
-                self._restore(Path(folder))
+        with self._latest_checkpoint() as folder:
+            if folder is not None:
+                self._restore(folder)
         first_step = self.step
         self.segments.append([first_step, first_step])
         if self.rank == 0:
@@ -417,11 +421,11 @@ class _Loop:
                 self.history.append(record)
                 if self.rank == 0:
                     print("[vit] " + _format_record(record), flush=True)
+            # Only checkpoints are reported: Ray takes one report per controller poll (2 s), so reporting
+            # every log line would stall fast steps. The health figures live in the history instead.
             if self.step % self.cfg.checkpoint_every == 0 or finished:
                 with window.paused():
                     self._checkpoint(metrics)
-            elif self.step % self.cfg.log_every == 0:
-                ray.train.report({"step": self.step, **metrics})
         status = "finished" if self.step == total else "halted"
         return {
             "status": status,
@@ -578,11 +582,41 @@ class _Loop:
                 }
                 (folder / STATE_FILE).write_text(json.dumps(trainer_state, indent=1))
                 (folder / HISTORY_FILE).write_text("".join(json.dumps(r) + "\n" for r in self.history))
+            name = f"checkpoint-{self.step:08d}"
             ray.train.report(
-                {"step": self.step, **metrics},
-                checkpoint=Checkpoint.from_directory(folder),
-                checkpoint_dir_name=f"checkpoint-{self.step:08d}",
+                {"step": self.step, **metrics}, checkpoint=Checkpoint.from_directory(folder), checkpoint_dir_name=name
             )
+        # Each rank's report returns once its own files are uploaded; after the barrier all are, and
+        # the marker says so. Ray registers a checkpoint only when its controller next polls (every
+        # 2 s), so a worker dying in between would otherwise resume from an older one.
+        if self.world > 1:
+            dist.barrier()
+        if self.rank == 0:
+            fs, path = fsspec.core.url_to_fs(self.plan.run_dir, **self.cfg.storage_options)
+            fs.pipe_file(posixpath.join(path, name, COMMITTED_FILE), str(self.step).encode())
+
+    @contextlib.contextmanager
+    def _latest_checkpoint(self):
+        """The folder of the newest complete checkpoint: Ray's registered one, or a newer committed one."""
+        import ray.train
+
+        registered = ray.train.get_checkpoint()
+        registered_step = _checkpoint_step(registered.path) if registered is not None else -1
+        committed = latest_committed_checkpoint(self.plan.run_dir, self.cfg.storage_options)
+        if committed is not None and _checkpoint_step(committed) > registered_step:
+            fs, path = fsspec.core.url_to_fs(committed, **self.cfg.storage_options)
+            if "file" in fs.protocol:
+                yield Path(path)
+                return
+            with tempfile.TemporaryDirectory(prefix="vit-restore-") as folder:
+                fs.get(path.rstrip("/") + "/", folder, recursive=True)
+                yield Path(folder)
+            return
+        if registered is None:
+            yield None
+            return
+        with registered.as_directory() as folder:
+            yield Path(folder)
 
     def _state_dict(self) -> dict:
         from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -732,6 +766,23 @@ def _representation(cfg: TrainConfig, variant: str) -> dict:
     return {"representation_size": vit.model_config(variant).width}
 
 
+def _checkpoint_step(path: str) -> int:
+    return int(posixpath.basename(path.rstrip("/")).removeprefix("checkpoint-"))
+
+
+def latest_committed_checkpoint(run_dir: str, storage_options: dict | None = None) -> str | None:
+    """The newest checkpoint of a run whose every part reached storage, as a path or URL."""
+    fs, path = fsspec.core.url_to_fs(run_dir, **(storage_options or {}))
+    try:
+        names = [posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)]
+    except FileNotFoundError:
+        return None
+    for name in sorted((n for n in names if n.startswith("checkpoint-")), reverse=True):
+        if fs.exists(posixpath.join(path, name, COMMITTED_FILE)):
+            return posixpath.join(run_dir, name)
+    return None
+
+
 def resolve_weights(location: str, storage_options: dict | None = None) -> str:
     """A weights file from a file, a checkpoint folder (its model.safetensors) or a run (its latest checkpoint)."""
     fs, path = fsspec.core.url_to_fs(location, **(storage_options or {}))
@@ -739,14 +790,10 @@ def resolve_weights(location: str, storage_options: dict | None = None) -> str:
         return location
     if fs.isfile(posixpath.join(path, MODEL_FILE)):
         return posixpath.join(location, MODEL_FILE)
-    checkpoints = sorted(
-        p
-        for p in fs.ls(path, detail=False)
-        if posixpath.basename(p).startswith("checkpoint-") and fs.isfile(posixpath.join(p, MODEL_FILE))
-    )
-    if not checkpoints:
-        raise FileNotFoundError(f"{location}: no weights file, checkpoint folder or run with checkpoints")
-    return posixpath.join(location, posixpath.basename(checkpoints[-1]), MODEL_FILE)
+    checkpoint = latest_committed_checkpoint(location, storage_options)
+    if checkpoint is None:
+        raise FileNotFoundError(f"{location}: no weights file, checkpoint folder or run with committed checkpoints")
+    return posixpath.join(checkpoint, MODEL_FILE)
 
 
 def local_weights(location: str, storage_options: dict | None = None) -> str:

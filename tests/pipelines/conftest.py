@@ -53,3 +53,29 @@ def s3_bucket(s3_endpoint: str, s3_storage_options: dict) -> str:
     fs.invalidate_cache()  # the instance is shared (fsspec caches it) and may remember a previous test's listings
     fs.mkdir(S3_BUCKET)
     return f"s3://{S3_BUCKET}"
+
+
+@pytest.fixture(scope="session")
+def synth_shards(ray_local, tmp_path_factory) -> str:
+    """A small synthetic JFT-style corpus (multi-label, 32 px) sharded by `vit shard`: 8 train shards and a val split."""
+    from pipelines.corpus import synth_corpus
+    from pipelines.shard import ShardConfig, shard_corpus
+
+    root = tmp_path_factory.mktemp("synth")
+    synth_corpus(str(root / "corpus"), images=480, classes=6, image_size=32, seed=0)
+    cfg = ShardConfig(src=str(root / "corpus"), dst=str(root / "shards"), shard_samples=54, val_fraction=0.1)
+    shard_corpus(cfg, log=lambda *_: None)
+    return cfg.dst
+
+
+@pytest.fixture(scope="session")
+def digits_shards(ray_local, tmp_path_factory) -> str:
+    """The real bundled digits (single-label, 32 px RGB) sharded into train and test splits."""
+    from pipelines.corpus import import_digits
+    from pipelines.shard import ShardConfig, shard_corpus
+
+    root = tmp_path_factory.mktemp("digits")
+    import_digits(str(root / "corpus"))
+    cfg = ShardConfig(src=str(root / "corpus"), dst=str(root / "shards"), shard_samples=300)
+    shard_corpus(cfg, log=lambda *_: None)
+    return cfg.dst

@@ -1,0 +1,173 @@
+"""Shard streams: every sample once per epoch over ranks and loader workers, exact resume, bad input."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections import Counter
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipelines.stream import ShardsError, ShardStream, StreamSpec, iter_tar_samples, make_loader, open_shards
+from vit.data import build_transform
+
+NUM_CLASSES = 5
+
+
+def _jpeg(index: int, size: int = 20) -> bytes:
+    rng = np.random.default_rng(index)
+    pixels = rng.integers(0, 256, (size, size + index % 7, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_shards(
+    root: Path, lengths: dict[str, list[int]], *, multi_label: bool = False, broken: dict[str, bytes] | None = None
+) -> Path:
+    """Shards in `vit shard`'s layout: ``{split}-{i:06d}.tar`` of jpg+json samples and an _info.json."""
+    root.mkdir(parents=True, exist_ok=True)
+    splits, index = {}, 0
+    for split, sizes in lengths.items():
+        names = []
+        for shard, size in enumerate(sizes):
+            name = f"{split}-{shard:06d}.tar"
+            with tarfile.open(root / name, "w") as tar:
+                for _ in range(size):
+                    key = f"s{index:05d}"
+                    labels = [index % NUM_CLASSES] + ([(index + 1) % NUM_CLASSES] if multi_label else [])
+                    _add(tar, f"{key}.jpg", (broken or {}).get(key, _jpeg(index)))
+                    _add(tar, f"{key}.json", json.dumps({"label_ids": labels}).encode())
+                    index += 1
+            names.append(name)
+        splits[split] = {"name": split, "num_samples": sum(sizes), "filenames": names, "shard_lengths": sizes}
+    info = {"name": root.name, "num_classes": NUM_CLASSES, "multi_label": multi_label, "splits": splits}
+    (root / "_info.json").write_text(json.dumps(info))
+    return root
+
+
+def _spec(shards, **kw) -> StreamSpec:
+    kw.setdefault("batch_size", 4)
+    return StreamSpec(shards=shards, transform=build_transform("finetune", 16, 18), **kw)
+
+
+def _epoch_keys(shards, *, world: int, workers: int, repeat: bool = True, epoch_samples=None) -> Counter:
+    """Keys every (rank, worker) reader yields in its first epoch."""
+    keys = Counter()
+    for rank in range(world):
+        stream = ShardStream(_spec(shards, rank=rank, world_size=world, repeat=repeat, shuffle_block=7))
+        for logical in range(workers):
+            reader, readers = rank * workers + logical, world * workers
+            per_epoch = sum(p.count for p in stream.plan(0, reader, readers))
+            samples = stream._samples(reader, readers, skip=0)
+            keys.update(sample["__key__"] for epoch, sample in islice(samples, per_epoch))
+    return keys
+
+
+@pytest.mark.parametrize("lengths", [[6, 5, 7, 6, 3, 8, 6, 5], [23, 17]], ids=["whole-shards", "fewer-shards-than-readers"])
+@pytest.mark.parametrize("world,workers", [(1, 1), (2, 1), (2, 2), (3, 2)])
+def test_an_epoch_reads_every_sample_exactly_once(tmp_path, lengths, world, workers):
+    shards = open_shards(str(write_shards(tmp_path / "s", {"train": lengths})), "train")
+    keys = _epoch_keys(shards, world=world, workers=workers)
+    assert sum(keys.values()) == shards.samples
+    assert set(keys.values()) == {1}
+
+
+def test_evaluation_is_one_pass_in_order(tmp_path):
+    shards = open_shards(str(write_shards(tmp_path / "s", {"val": [9, 4]})), "val")
+    stream = ShardStream(_spec(shards, repeat=False, world_size=1))
+    keys = [s["__key__"] for _, s in stream._samples(0, 1, skip=0)]
+    assert keys == [f"s{i:05d}" for i in range(13)]
+    batches = list(make_loader(_spec(shards, repeat=False, batch_size=5), workers=0))
+    assert [len(b[0]) for b in batches] == [5, 5, 3]  # the last batch is partial, nothing dropped
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_resumed_stream_continues_with_the_same_batches(tmp_path, workers):
+    shards = open_shards(str(write_shards(tmp_path / "s", {"train": [7, 9, 6, 8]})), "train")
+    spec = _spec(shards, rank=1, world_size=2, seed=3, shuffle_block=5)
+    whole = list(islice(make_loader(spec, workers=workers), 14))  # past an epoch: 15 samples per rank
+    for start in (1, 5, 9):
+        resumed = StreamSpec(**{**spec.__dict__, "start_batch": start})
+        tail = list(islice(make_loader(resumed, workers=workers), 14 - start))
+        for (a_img, a_tgt, _), (b_img, b_tgt, _) in zip(whole[start:], tail, strict=True):
+            assert torch.equal(a_img, b_img) and torch.equal(a_tgt, b_tgt)
+
+
+def test_epochs_and_seeds_change_the_order(tmp_path):
+    shards = open_shards(str(write_shards(tmp_path / "s", {"train": [10, 10, 10]})), "train")
+
+    def order(seed):
+        stream = ShardStream(_spec(shards, seed=seed, shuffle_block=8))
+        return [s["__key__"] for _, s in islice(stream._samples(0, 1, skip=0), 60)]
+
+    first = order(0)
+    assert first[:30] != first[30:] and sorted(first[:30]) == sorted(first[30:])
+    assert first == order(0) and first != order(1)
+
+
+def test_batches_hold_images_and_targets(tmp_path):
+    shards = open_shards(str(write_shards(tmp_path / "s", {"train": [8]}, multi_label=True)), "train")
+    assert shards.multi_label and shards.num_classes == NUM_CLASSES
+    images, targets, bad = next(iter(make_loader(_spec(shards, shuffle_block=1), workers=0)))
+    assert images.shape == (4, 3, 16, 16) and images.dtype == torch.uint8
+    assert targets.shape == (4, NUM_CLASSES) and targets.sum(dim=1).tolist() == [2.0] * 4
+    assert bad == 0
+
+
+def test_an_undecodable_image_is_skipped_and_counted(tmp_path):
+    root = write_shards(tmp_path / "s", {"train": [8]}, broken={"s00002": b"not a jpeg"})
+    shards = open_shards(str(root), "train")
+    batches = list(islice(make_loader(_spec(shards, shuffle_block=1), workers=0), 2))
+    assert [(len(images), bad) for images, _, bad in batches] == [(3, 1), (4, 0)]
+
+
+def test_damaged_and_inconsistent_shards_are_errors(tmp_path):
+    root = write_shards(tmp_path / "s", {"train": [6, 6]})
+    data = (root / "train-000001.tar").read_bytes()
+    (root / "train-000001.tar").write_bytes(data[: len(data) // 2 + 100])
+    stream = ShardStream(_spec(open_shards(str(root), "train"), shuffle_block=1))
+    with pytest.raises(ShardsError, match="damaged tar|promised"):
+        list(islice(stream._samples(0, 1, skip=0), 12))
+
+    info = json.loads((root / "_info.json").read_text())
+    info["splits"]["train"]["shard_lengths"] = [7, 6]  # the manifest disagrees with the tar
+    (root / "_info.json").write_text(json.dumps(info))
+    stream = ShardStream(_spec(open_shards(str(root), "train"), shuffle_block=1, repeat=False))
+    with pytest.raises(ShardsError, match="promised 7"):
+        list(stream._samples(0, 1, skip=0))
+
+
+def test_missing_metadata_and_unknown_splits_are_clear(tmp_path):
+    with pytest.raises(ShardsError, match="no _info.json"):
+        open_shards(str(tmp_path), "train")
+    root = write_shards(tmp_path / "s", {"train": [3]})
+    with pytest.raises(ShardsError, match="no split 'val'; it has: train"):
+        open_shards(str(root), "val")
+
+
+def test_tar_reader_skips_without_reading_and_refuses_links(tmp_path):
+    path = tmp_path / "t.tar"
+    with tarfile.open(path, "w") as tar:
+        for i in range(4):
+            _add(tar, f"dir/k{i}.jpg", b"x" * (i + 1))
+            _add(tar, f"dir/k{i}.cls", str(i).encode())
+        link = tarfile.TarInfo("evil.jpg")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+    with open(path, "rb") as f:
+        samples = list(iter_tar_samples(f, skip=2))
+    assert [s["__key__"] for s in samples] == ["dir/k2", "dir/k3"]
+    assert samples[0] == {"__key__": "dir/k2", "jpg": b"xxx", "cls": b"2"}
