@@ -57,7 +57,7 @@ def s3_bucket(s3_endpoint: str, s3_storage_options: dict) -> str:
 
 @pytest.fixture(scope="session")
 def synth_shards(ray_local, tmp_path_factory) -> str:
-    """A small synthetic JFT-style corpus (multi-label, 32 px) sharded by `vit shard`: 8 train shards and a val split."""
+    """A small synthetic JFT-style corpus (multi-label, 32 px) sharded by `vit shard`: 8 train shards and val."""
     from pipelines.corpus import synth_corpus
     from pipelines.shard import ShardConfig, shard_corpus
 

@@ -76,7 +76,9 @@ def _epoch_keys(shards, *, world: int, workers: int, repeat: bool = True, epoch_
     return keys
 
 
-@pytest.mark.parametrize("lengths", [[6, 5, 7, 6, 3, 8, 6, 5], [23, 17]], ids=["whole-shards", "fewer-shards-than-readers"])
+@pytest.mark.parametrize(
+    "lengths", [[6, 5, 7, 6, 3, 8, 6, 5], [23, 17]], ids=["whole-shards", "fewer-shards-than-readers"]
+)
 @pytest.mark.parametrize("world,workers", [(1, 1), (2, 1), (2, 2), (3, 2)])
 def test_an_epoch_reads_every_sample_exactly_once(tmp_path, lengths, world, workers):
     shards = open_shards(str(write_shards(tmp_path / "s", {"train": lengths})), "train")
