@@ -29,6 +29,7 @@ class EvaluateConfig:
     shots: list[int] = field(default_factory=lambda: [1, 5, 10, 25])
     fewshot_val_per_class: int = 10  # extra pool examples per class that choose the ridge penalty
     image_size: int | None = None  # default: the model's own resolution
+    resize_size: int | None = None  # resize before the central crop; default image_size * 8/7
     batch_size: int = 128
     loader_workers: int = 2
     storage_options: dict = field(default_factory=dict)
@@ -76,7 +77,7 @@ def evaluate_model(cfg: EvaluateConfig, log: Callable[[str], None] = print) -> d
 def _batches(shards: ShardSet, cfg: EvaluateConfig, image_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     spec = StreamSpec(
         shards=shards,
-        transform=build_transform("eval", image_size),
+        transform=build_transform("eval", image_size, cfg.resize_size),
         batch_size=cfg.batch_size,
         shuffle_block=1,
         repeat=False,

@@ -189,6 +189,11 @@ def plan_training(cfg: TrainConfig) -> _Plan:
         raise ConfigError("init_from: fine-tuning needs the weights to start from (a run, checkpoint or file)")
     if cfg.model is None and cfg.init_from is None:
         raise ConfigError("model: no model given and no init_from to take one from")
+    if cfg.model is not None:
+        try:
+            vit.model_config(cfg.model)
+        except ValueError as err:
+            raise ConfigError(f"model: {err}") from None
     info = read_info(cfg.data.shards, cfg.data.storage_options)
     train = open_shards(cfg.data.shards, cfg.data.train_split, cfg.data.storage_options)
     eval_split = cfg.data.eval_split
