@@ -711,3 +711,22 @@ def test_no_weight_decay_names_only_existing_parameters(tiny_model):
         assert skip <= set(names)
         assert "pos_embed" in skip and ("cls_token" in skip) == (pool == "cls")
         assert "blocks.0.attn.qkv.weight" not in skip and "blocks.0.norm1.weight" in skip
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = create_model("Mu/4", num_classes=5, img_size=16)
+    images = torch.randn(3, 3, 16, 16)
+
+    def grads():
+        model.zero_grad()
+        model(images).square().sum().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    plain = grads()
+    model.set_grad_checkpointing(True)
+    checkpointed = grads()
+    for a, b in zip(plain, checkpointed):
+        torch.testing.assert_close(a, b)
+    with torch.no_grad():  # no recomputation is needed without gradients
+        assert model(images).shape == (3, 5)
