@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import os
 import posixpath
@@ -37,6 +38,9 @@ from pipelines.stream import ShardSet, StreamSpec, make_loader, open_shards, rea
 from vit.data import build_transform, normalize
 from vit.model import VisionTransformer
 from vit.train import OptimConfig, build_optimizer, classification_loss, lr_at, set_lr
+
+# Ray Train sends its workers' log records (INFO and up) to the driver; print() would be shown twice.
+log = logging.getLogger(__name__)
 
 Strategy = Literal["ddp", "fsdp"]
 Precision = Literal["auto", "fp32", "bf16"]
@@ -398,7 +402,7 @@ class _Loop:
         self.segments.append([first_step, first_step])
         if self.rank == 0:
             how = f"resuming at step {first_step}" if first_step else "starting"
-            print(f"[vit] {how}: {self.plan.total_steps} steps", flush=True)
+            log.info("[vit] %s: %d steps", how, self.plan.total_steps)
 
         total = self.plan.total_steps
         stop_at = min(total, self.cfg.halt_after_steps or total)
@@ -425,7 +429,7 @@ class _Loop:
                 record = {"step": self.step, "epoch": self._epoch(), **metrics, **window.flush(self)}
                 self.history.append(record)
                 if self.rank == 0:
-                    print("[vit] " + _format_record(record), flush=True)
+                    log.info("[vit] %s", _format_record(record))
             # Only checkpoints are reported: Ray takes one report per controller poll (2 s), so reporting
             # every log line would stall fast steps. The health figures live in the history instead.
             if self.step % self.cfg.checkpoint_every == 0 or finished:
@@ -504,7 +508,7 @@ class _Loop:
 
     def _diverged(self, reason: str) -> dict:
         if self.rank == 0:
-            print(f"[vit] {reason} at step {self.step + 1}: stopping; the last checkpoint is kept", flush=True)
+            log.error("[vit] %s at step %d: stopping; the last checkpoint is kept", reason, self.step + 1)
         return {"status": "diverged", "reason": reason, "step": self.step + 1, "segments": self.segments}
 
     # -- evaluation
