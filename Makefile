@@ -42,6 +42,8 @@ format: $(VENV)/.installed-test
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python bench/model.py
+	$(BIN)/python bench/shard.py
+	$(BIN)/python bench/train.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache *.egg-info
