@@ -44,7 +44,7 @@ def test_a_killed_node_costs_at_most_the_steps_since_the_last_checkpoint(synth_s
             "checkpoint_every=20",
             "log_every=20",
             "max_failures=2",
-            "scale.placement_strategy=SPREAD",  # one training worker on each node
+            "scale.placement_strategy=STRICT_SPREAD",  # one training worker on each node, always
             f"storage_path={tmp_path}",
             "name=node-kill",
         ],
@@ -52,12 +52,13 @@ def test_a_killed_node_costs_at_most_the_steps_since_the_last_checkpoint(synth_s
     outcome = {}
     runner = threading.Thread(target=lambda: outcome.update(result=run_training(cfg, log=lambda *_: None)))
     runner.start()
-    first = tmp_path / "node-kill" / "checkpoint-00000020" / "trainer_state.json"
+    first = tmp_path / "node-kill" / "checkpoint-00000020" / "COMMITTED"  # every rank's part is stored
     deadline = time.monotonic() + 240
     while not first.exists() and runner.is_alive() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert first.exists(), "no checkpoint before the deadline"
     cluster.remove_node(worker_node)  # the node and the training worker on it die
+    cluster.add_node(num_cpus=2)  # a replacement joins, as an autoscaler would provide
     runner.join(timeout=300)
     assert not runner.is_alive() and "result" in outcome
 
