@@ -81,7 +81,11 @@ def run_local_demo(cfg: LocalDemoConfig, log: Callable[[str], None] = print) -> 
     if not ray.is_initialized():
         import os
 
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+        if os.environ.get("RAY_ADDRESS"):  # inside a Ray Job: that cluster
+            ray.init(log_to_driver=False)
+        else:  # a Ray of our own, never one that happens to run on this machine
+            cpus = max(4, os.cpu_count() or 1)
+            ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
 
     c = cfg.corpus
     synth, digits = work / "corpus" / "synth", work / "corpus" / "digits"
