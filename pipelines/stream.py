@@ -190,21 +190,29 @@ class ShardStream(IterableDataset):
         reader = spec.rank * workers + logical
         readers = spec.world_size * workers
         samples = self._samples(reader, readers, skip=done * spec.batch_size)
-        images, targets, bad = [], [], 0
+        # Pixels go straight from the decoded image into the batch, which a loader worker allocates in
+        # shared memory: two copies per image instead of four (array, contiguous, stack, shared memory).
+        batch, targets, filled, bad = self._new_batch(worker is not None), [], 0, 0
         for epoch, sample in samples:
             try:
-                images.append(self._image(sample, epoch))
+                image = self._image(sample, epoch)
                 targets.append(self._target(sample))
             except ValueError as err:
                 bad += 1
                 log.warning("skipping sample %s: %s", sample.get("__key__"), err)
-                if len(images) > len(targets):
-                    images.pop()
-            if len(images) + bad == spec.batch_size:
-                yield *_collate(images, targets, spec), bad
-                images, targets, bad = [], [], 0
-        if images or bad:
-            yield *_collate(images, targets, spec), bad
+            else:
+                batch[filled].copy_(torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1))
+                filled += 1
+            if filled + bad == spec.batch_size:
+                yield batch[:filled], _stack_targets(targets, spec), bad
+                batch, targets, filled, bad = self._new_batch(worker is not None), [], 0, 0
+        if filled or bad:
+            yield batch[:filled], _stack_targets(targets, spec), bad
+
+    def _new_batch(self, shared: bool) -> torch.Tensor:
+        size = self.spec.transform.size
+        batch = torch.empty(self.spec.batch_size, 3, size, size, dtype=torch.uint8)
+        return batch.share_memory_() if shared else batch
 
     # -- what a reader reads
 
@@ -278,11 +286,11 @@ class ShardStream(IterableDataset):
                 raise ShardsError(f"{url} holds {seen} samples for this reader; _info.json promised {portion.count}")
             start = 0
 
-    def _image(self, sample: dict, epoch: int) -> torch.Tensor:
+    def _image(self, sample: dict, epoch: int):
         data = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
         if data is None:
             raise ValueError(f"no image member (one of {', '.join(IMAGE_EXTENSIONS)})")
-        return self.spec.transform(data, sample_rng(self.spec.seed, epoch, sample["__key__"]))
+        return self.spec.transform.to_image(data, sample_rng(self.spec.seed, epoch, sample["__key__"]))
 
     def _target(self, sample: dict) -> torch.Tensor:
         if "json" in sample:
@@ -305,14 +313,13 @@ def _chunks(items: Iterator[dict], size: int) -> Iterator[list[dict]]:
         yield chunk
 
 
-def _collate(images: list[torch.Tensor], targets: list[torch.Tensor], spec: StreamSpec):
-    if not images:  # every sample of the batch was bad: an empty batch keeps the ranks in step
-        size = spec.transform.size
-        empty_targets = (
-            torch.zeros(0, spec.shards.num_classes) if spec.shards.multi_label else torch.zeros(0, dtype=torch.long)
-        )
-        return torch.zeros(0, 3, size, size, dtype=torch.uint8), empty_targets
-    return torch.stack(images), torch.stack(targets)
+def _stack_targets(targets: list[torch.Tensor], spec: StreamSpec) -> torch.Tensor:
+    if targets:
+        return torch.stack(targets)
+    # every sample of the batch was bad: an empty batch keeps the ranks in step
+    if spec.shards.multi_label:
+        return torch.zeros(0, spec.shards.num_classes)
+    return torch.zeros(0, dtype=torch.long)
 
 
 def make_loader(spec: StreamSpec, *, workers: int = 2, pin_memory: bool = False) -> DataLoader:

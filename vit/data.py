@@ -211,6 +211,10 @@ class ImageTransform:
                 raise ValueError(f"resize_size={self.resize_size} is smaller than the crop size={self.size}")
 
     def __call__(self, data: bytes, rng: np.random.Generator | None = None) -> torch.Tensor:
+        return _to_tensor(self.to_image(data, rng))
+
+    def to_image(self, data: bytes, rng: np.random.Generator | None = None) -> Image.Image:
+        """The transformed RGB image, for callers that copy its pixels straight into a batch."""
         if rng is None and self.recipe != "eval":
             raise ValueError(f"the {self.recipe} recipe is random: pass a generator (see sample_rng)")
         image = _open(data, MAX_PIXELS)
@@ -222,7 +226,7 @@ class ImageTransform:
         image = image.resize((self.size, self.size), Image.Resampling.BILINEAR, box=box)
         if flip:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return _to_tensor(image)
+        return image
 
     def _plan(self, width: int, height: int, rng: np.random.Generator | None) -> tuple[Box, bool]:
         """The crop box in original pixels and whether to flip; all random draws happen here, in a fixed order."""
