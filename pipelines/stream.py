@@ -8,8 +8,8 @@ passed over by the sample counts in the shards' ``_info.json``, and inside a sha
 are read, never decoded.
 
 Why this and not Ray Data (``read_webdataset`` + ``get_dataset_shard``), measured by
-``bench/train.py`` on 2 cores (Inception crop at 224, batches of 32): this loader delivered 75% of
-the decode+augment ceiling of the same two processes, Ray Data's stock pipeline 40%. Beyond speed,
+``bench/train.py`` on 2 cores (Inception crop at 224, batches of 32): this loader delivered 74% of
+the decode+augment ceiling of the same two processes, Ray Data's stock pipeline 23-40%. Beyond speed,
 Ray Data's streaming split has no resumable position (a restarted run would re-read an epoch from
 the start or skip what it never trained on), it reserves CPUs of its own beside the training
 workers (on small machines the two deadlock on the CPU budget), and it moves every sample through
