@@ -15,9 +15,9 @@ import torch
 
 import vit
 from pipelines.stream import ShardSet, StreamSpec, make_loader, open_shards
-from pipelines.train import local_weights, resolve_weights, topk_hits
+from pipelines.train import local_weights, resolve_weights
 from vit.data import build_transform, normalize
-from vit.evaluate import fewshot_accuracy
+from vit.evaluate import fewshot_accuracy, topk_hits
 
 
 @dataclass(kw_only=True)

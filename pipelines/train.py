@@ -36,6 +36,7 @@ import vit
 from pipelines.config import ConfigError, from_dict, to_dict
 from pipelines.stream import ShardSet, StreamSpec, make_loader, open_shards, read_info
 from vit.data import build_transform, normalize
+from vit.evaluate import topk_hits
 from vit.model import VisionTransformer
 from vit.train import OptimConfig, build_optimizer, classification_loss, lr_at, set_lr
 
@@ -738,14 +739,6 @@ def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-def topk_hits(logits: torch.Tensor, targets: torch.Tensor, k: int) -> int:
-    """Samples whose top-k predictions include a true label (class ids (B,) or multi-hot (B, K))."""
-    top = logits.topk(min(k, logits.shape[-1]), dim=-1).indices
-    if targets.ndim == 1:
-        return int((top == targets[:, None]).any(dim=-1).sum())
-    return int((targets.gather(1, top) > 0).any(dim=-1).sum())
 
 
 # ------------------------------------------------------------------------------------------------------------- models

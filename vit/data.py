@@ -258,7 +258,7 @@ def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, *words])
 
 
-# --- labels and batching ----------------------------------------------------------------------------
+# --- labels ----------------------------------------------------------------------------------------------
 
 
 def encode_labels(label_ids: Sequence[int], num_classes: int, *, multi_label: bool) -> torch.Tensor:
@@ -273,11 +273,3 @@ def encode_labels(label_ids: Sequence[int], num_classes: int, *, multi_label: bo
     target = torch.zeros(num_classes, dtype=torch.float32)
     target[list(label_ids)] = 1.0
     return target
-
-
-def collate(samples: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack (image, target) pairs into uint8 images (B, 3, H, W) and targets (B,) or (B, num_classes)."""
-    if not samples:
-        raise ValueError("cannot collate an empty batch")
-    images, targets = zip(*samples)
-    return torch.stack(images), torch.stack(targets)

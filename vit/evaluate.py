@@ -10,6 +10,14 @@ import torch
 from torch import nn
 
 
+def topk_hits(logits: torch.Tensor, targets: torch.Tensor, k: int) -> int:
+    """Samples whose top-k predictions include a true label (class ids (B,) or multi-hot (B, K))."""
+    top = logits.topk(min(k, logits.shape[-1]), dim=-1).indices
+    if targets.ndim == 1:
+        return int((top == targets[:, None]).any(dim=-1).sum())
+    return int((targets.gather(1, top) > 0).any(dim=-1).sum())
+
+
 @torch.no_grad()
 def topk_accuracy(
     model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], ks: tuple[int, ...] = (1, 5)
@@ -20,10 +28,8 @@ def topk_accuracy(
     total = 0
     for images, labels in batches:
         logits = model(images)
-        ranked = logits.topk(min(max(ks), logits.shape[-1]), dim=-1).indices  # (B, k)
-        hits = ranked == labels[:, None]
         for k in ks:
-            correct[k] += hits[:, :k].any(dim=-1).sum().item()
+            correct[k] += topk_hits(logits, labels, k)
         total += labels.shape[0]
     if total == 0:
         raise ValueError("no samples to evaluate")

@@ -15,7 +15,6 @@ from sklearn.datasets import load_sample_images
 from vit.data import (
     ImageTransform,
     build_transform,
-    collate,
     decode_image,
     encode_labels,
     inception_crop_box,
@@ -239,17 +238,6 @@ def test_encode_labels():
             encode_labels(bad, 5, multi_label=True)
     with pytest.raises(ValueError, match="no labels"):
         encode_labels([], 5, multi_label=False)
-
-
-def test_collate():
-    samples = [(torch.zeros(3, 8, 8, dtype=torch.uint8), encode_labels([i], 4, multi_label=False)) for i in range(3)]
-    images, targets = collate(samples)
-    assert images.shape == (3, 3, 8, 8) and images.dtype == torch.uint8
-    assert targets.tolist() == [0, 1, 2] and targets.dtype == torch.int64
-    _, multi = collate([(s[0], encode_labels([1, 2], 4, multi_label=True)) for s in samples])
-    assert multi.shape == (3, 4)
-    with pytest.raises(ValueError):
-        collate([])
 
 
 def test_sample_rng():
