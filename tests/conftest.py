@@ -52,3 +52,80 @@ def ray_two_nodes():
         cluster.shutdown()
         if had_local:
             _start_local_ray()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """A real ``mlflow server`` (sqlite backend, artifacts proxied to a local folder) on 127.0.0.1, in its
+    own process group: it forks workers, and ending only the parent would leave them serving."""
+
+    def __init__(self, root, port: int | None = None):
+        import subprocess
+        import sys
+        from pathlib import Path
+
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        mlflow = Path(sys.executable).parent / "mlflow"
+        self.log = open(self.root / "server.log", "ab")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
+            + ["--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}"]
+            + ["--artifacts-destination", str(self.root / "artifacts")],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def wait_ready(self, timeout: float = 120.0) -> MlflowServer:
+        import time
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"mlflow server exited: {(self.root / 'server.log').read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
+                    if response.read().strip() == b"OK":
+                        return self
+            except OSError:
+                time.sleep(0.5)
+        raise TimeoutError(f"mlflow server on {self.uri} not ready after {timeout:.0f} s")
+
+    def stop(self) -> None:
+        import signal
+
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=20)
+        except ProcessLookupError:
+            pass
+        except Exception:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """One tracking server for the session (starting one takes 10-30 s here). Yields its ``MlflowServer``;
+    tests keep apart by using experiments and registered model names of their own."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server")).wait_ready()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def mlflow_uri(mlflow_server, monkeypatch) -> str:
+    """The session server's URI, also set as ``MLFLOW_TRACKING_URI`` for the test (and its subprocesses)."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    return mlflow_server.uri
