@@ -393,7 +393,3 @@ def show_config(kind: str, overrides: tuple[str, ...]) -> None:
 
 if __name__ == "__main__":
     main()
-
-
-if __name__ == "__main__":  # `python -m pipelines.cli`: what a Ray Job runs, where `vit` may not be on PATH
-    main()
