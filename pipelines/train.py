@@ -35,6 +35,7 @@ from torch import nn
 import vit
 from pipelines.config import ConfigError, from_dict, to_dict
 from pipelines.stream import ShardSet, StreamSpec, make_loader, open_shards, read_info
+from pipelines.tracking import LiveMetrics, LiveTarget, Tracker, TrackingConfig, metrics_of
 from vit.data import build_transform, normalize
 from vit.evaluate import topk_hits
 from vit.model import VisionTransformer
@@ -116,6 +117,7 @@ class TrainConfig:
     seed: int = 0
     halt_after_steps: int | None = None  # stop (with a checkpoint) after this many steps; the same name resumes
     scale: ScaleConfig = field(default_factory=ScaleConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
@@ -165,6 +167,7 @@ class TrainResult:
     metrics: dict[str, float]  # of the final step and evaluation
     history: list[dict]  # a record per logged step
     segments: list[list[int]]  # [first, last) steps trained by each attempt, resumes included
+    mlflow_run_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -181,6 +184,7 @@ class _Plan:
     eval_split: str | None
     name: str  # the run's folder under storage_path
     run_dir: str  # storage_path/name: a path or a URL
+    tracking: dict | None = None  # a LiveTarget's fields: where rank 0 logs its metrics
 
 
 # ------------------------------------------------------------------------------------------------------------- driver
@@ -240,24 +244,48 @@ def plan_training(cfg: TrainConfig) -> _Plan:
     )
 
 
-def run_training(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
-    """Train on the current Ray cluster (``ray.init`` first); resume the run ``cfg.name`` if it exists."""
+def run_training(
+    cfg: TrainConfig,
+    log: Callable[[str], None] = print,
+    *,
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+) -> TrainResult:
+    """Train on the current Ray cluster (``ray.init`` first); resume the run ``cfg.name`` if it exists.
+
+    With tracking on, the run is an MLflow run (the same one again when the training resumes): the
+    config as params, rank 0's metrics every step, the shards as its input, and at the end the
+    curves, the config and the final weights as artifacts."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     plan = plan_training(cfg)
+    tracker = Tracker.open(cfg.tracking)  # before any work: an unusable server is a config error
     name = plan.name
     storage_path, storage_filesystem = _storage(cfg)
     use_gpu = cfg.scale.use_gpu
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    what = cfg.model or f"the model of {cfg.init_from}"
     log(
-        f"{cfg.recipe}: {cfg.model or 'model of ' + str(cfg.init_from)} on {plan.train_samples} images "
+        f"{cfg.recipe}: {what} on {plan.train_samples} images "
         f"({plan.num_classes} classes, {'multi' if plan.multi_label else 'single'}-label), "
         f"{plan.total_steps} steps of {cfg.batch_size} = {cfg.scale.num_workers} workers x {plan.micro_batch} "
         f"x {plan.accum_steps} accumulation, {cfg.scale.strategy} on {'GPU' if use_gpu else 'CPU'}; run {name!r}"
     )
+    run_id = None
+    if tracker is not None:
+        run_id = _start_tracked_run(tracker, cfg, plan, parent_run_id, tags or {})
+        target = LiveTarget(
+            uri=tracker.uri,
+            run_id=run_id,
+            system_metrics=cfg.tracking.system_metrics,
+            skip_through_step=tracker.last_logged_step(run_id),
+        )
+        plan = dataclasses.replace(plan, tracking=dataclasses.asdict(target))
+        url = tracker.run_url(run_id)
+        log(f"MLflow run {run_id}" + (f": {url}" if url else f" in {tracker.uri}"))
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config=dataclasses.asdict(plan),
@@ -275,16 +303,23 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainR
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
         ),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except BaseException:
+        if tracker is not None:
+            _finish_quietly(tracker, run_id, "FAILED")
+        raise
     outcome = result.return_value or {}
     if outcome.get("status") == "diverged":
+        if tracker is not None:
+            _finish_quietly(tracker, run_id, "FAILED")
         raise TrainingDivergedError(
             f"{outcome['reason']} at step {outcome['step']}; stopped. The last good checkpoint is "
             f"{result.checkpoint.path if result.checkpoint else 'none (it diverged before the first)'}"
         )
     run_dir = plan.run_dir
     checkpoint = posixpath.join(run_dir, posixpath.basename(result.checkpoint.path))
-    return TrainResult(
+    trained = TrainResult(
         name=name,
         run_dir=run_dir,
         checkpoint=checkpoint,
@@ -293,7 +328,77 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainR
         metrics=outcome.get("metrics", {}),
         history=outcome.get("history", []),
         segments=outcome.get("segments", []),
+        mlflow_run_id=run_id,
     )
+    if tracker is not None:
+        _finish_tracked_run(tracker, cfg, trained, outcome.get("unsent_metrics", []), outcome.get("status"), log)
+    return trained
+
+
+def _start_tracked_run(tracker: Tracker, cfg: TrainConfig, plan: _Plan, parent_run_id, tags: dict) -> str:
+    from pipelines.tracking import dataset_fingerprint
+
+    shards = cfg.data.shards.rstrip("/")
+    digest = dataset_fingerprint(shards, cfg.data.storage_options)
+    dataset = posixpath.basename(shards)
+    model = cfg.model or "from " + posixpath.basename(str(cfg.init_from).rstrip("/"))
+    run_id = tracker.start_run(
+        key=plan.run_dir,
+        name=f"{cfg.recipe} {model} on {dataset}",
+        parent_id=parent_run_id,
+        tags={
+            "vit.step": cfg.recipe,
+            "vit.run_dir": plan.run_dir,
+            "vit.dataset": shards,
+            "vit.dataset_fingerprint": digest,
+            **({"vit.init_from": cfg.init_from} if cfg.init_from else {}),
+            **tags,
+        },
+        description=(
+            f"{'Pretraining' if cfg.recipe == 'pretrain' else 'Fine-tuning'} of ViT-{model} on `{shards}` "
+            f"({plan.train_samples} images, {plan.num_classes} classes): {plan.total_steps} steps of "
+            f"{cfg.batch_size} images, {cfg.optim.name} at lr {cfg.optim.lr}. Checkpoints: `{plan.run_dir}`."
+        ),
+    )
+    tracker.log_params(run_id, {k: v for k, v in plan.config.items() if k != "tracking"})
+    tracker.log_params(run_id, {"plan.total_steps": plan.total_steps, "plan.num_classes": plan.num_classes})
+    tracker.log_dataset(run_id, shards, context="training", digest=digest, name=dataset)
+    return run_id
+
+
+def _finish_tracked_run(tracker: Tracker, cfg: TrainConfig, result: TrainResult, unsent, status, log) -> None:
+    """Reconcile the metric history with what MLflow holds, then the artifacts; the run ends FINISHED."""
+    from pipelines.config import dump_config
+    from pipelines.tracking import training_curves
+
+    run_id = result.mlflow_run_id
+    missing = tracker.sync_metrics(run_id, [*result.history, *unsent])
+    if missing:
+        log(f"MLflow had missed {missing} metric values (the server was unreachable for a while); sent them now")
+    if result.metrics:
+        tracker.log_metrics(run_id, {k: v for k, v in result.metrics.items() if k.startswith("eval/")}, result.steps)
+    tracker.log_text(run_id, dump_config(cfg), "config.yaml")
+    if result.history:
+        figure = training_curves(result.history, title=result.name)
+        tracker.log_figure(run_id, figure, "training_curves.png")
+    for filename in (MODEL_FILE, STATE_FILE, HISTORY_FILE):
+        try:
+            path = local_weights(posixpath.join(result.checkpoint, filename), cfg.storage_options)
+        except FileNotFoundError:
+            continue
+        if os.path.exists(path):
+            tracker.log_file(run_id, path, "checkpoint")
+    tracker.set_tags(run_id, {"vit.checkpoint": result.checkpoint, "vit.status": status or "finished"})
+    # A halted run (halt_after_steps) is resumable: KILLED until a later attempt finishes it.
+    tracker.finish(run_id, "FINISHED" if status == "finished" else "KILLED")
+
+
+def _finish_quietly(tracker: Tracker, run_id: str | None, status: str) -> None:
+    try:
+        if run_id is not None:
+            tracker.finish(run_id, status)
+    except Exception as err:  # the training's own error is the one to report
+        log.warning("could not mark MLflow run %s %s: %s", run_id, status, err)
 
 
 def load_train_config(recipe: Recipe, path: str | None, overrides: tuple[str, ...] | list[str]) -> TrainConfig:
@@ -405,6 +510,14 @@ class _Loop:
             how = f"resuming at step {first_step}" if first_step else "starting"
             log.info("[vit] %s: %d steps", how, self.plan.total_steps)
 
+        live = LiveMetrics(LiveTarget(**self.plan.tracking)) if self.plan.tracking and self.rank == 0 else None
+        try:
+            outcome = self._run_steps(live)
+        finally:
+            unsent = live.close() if live is not None else []
+        return {**outcome, "unsent_metrics": unsent}
+
+    def _run_steps(self, live: LiveMetrics | None) -> dict:
         total = self.plan.total_steps
         stop_at = min(total, self.cfg.halt_after_steps or total)
         batches = iter(
@@ -418,6 +531,9 @@ class _Loop:
                 return self._diverged(window.last_reason)
             self.step += 1
             self.segments[-1][1] = self.step
+            step_metrics = dict(metrics)  # this step's own loss, lr and gradient norm
+            if live is not None:
+                live.log(self.step, step_metrics)
             finished = self.step == stop_at
             evaluate = self.plan.eval_split and (
                 self.step == total or (self.cfg.eval_every and self.step % self.cfg.eval_every == 0)
@@ -429,6 +545,8 @@ class _Loop:
             if self.step % self.cfg.log_every == 0 or finished or evaluate:
                 record = {"step": self.step, "epoch": self._epoch(), **metrics, **window.flush(self)}
                 self.history.append(record)
+                if live is not None:  # the step's own loss went out above; the window's mean stays in the history
+                    live.log(self.step, metrics_of({k: v for k, v in record.items() if k not in step_metrics}))
                 if self.rank == 0:
                     log.info("[vit] %s", _format_record(record))
             # Only checkpoints are reported: Ray takes one report per controller poll (2 s), so reporting
@@ -489,7 +607,7 @@ class _Loop:
         window.bad += bad
         window.loss += loss_sum / accum
         window.steps += 1
-        return {"train/lr": lr, "train/grad_norm": grad_norm}
+        return {"train/loss": loss_sum / accum, "train/lr": lr, "train/grad_norm": grad_norm}
 
     def _no_sync(self, skip_sync: bool):
         """Gradient accumulation: only the last micro-batch of a step reduces gradients across workers."""

@@ -129,3 +129,13 @@ def mlflow_uri(mlflow_server, monkeypatch) -> str:
     """The session server's URI, also set as ``MLFLOW_TRACKING_URI`` for the test (and its subprocesses)."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
     return mlflow_server.uri
+
+
+@pytest.fixture(scope="session", autouse=True)
+def local_tracking_store(tmp_path_factory):
+    """Runs that track by default (every training) go to a sqlite store of the session's own, never to a
+    ./mlflow.db in the checkout: the local single-node default, exercised by every training test."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow-local') / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MLFLOW_TRACKING_URI", uri)
+        yield uri

@@ -78,6 +78,29 @@ def test_pretraining_runs_the_paper_recipe_and_reports_health(ddp_run):
     assert state["step"] == 12 and state["samples_seen"] == 12 * 16 and state["batches_per_rank"] == 24
 
 
+def test_pretraining_is_an_mlflow_run_with_every_step_lineage_and_artifacts(ddp_run, synth_shards):
+    """The default local store (sqlite): params, rank 0's loss at every step, the shards as input, artifacts."""
+    import mlflow
+
+    result, _ = ddp_run
+    client = mlflow.MlflowClient()
+    run = client.get_run(result.mlflow_run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "pretrain Mu/8 on shards"
+    assert run.data.params["optim.lr"] == "0.001" and run.data.params["batch_size"] == "16"
+    assert not any("storage_options" in k or k.startswith("tracking") for k in run.data.params)
+    assert run.data.tags["vit.run_dir"] == result.run_dir and "Pretraining" in run.data.tags["mlflow.note.content"]
+    losses = client.get_metric_history(run.info.run_id, "train/loss")
+    assert sorted(m.step for m in losses) == list(range(1, 13))  # every step, each once
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/images_per_s")] == [4, 8, 12]
+    assert run.data.metrics["eval/top1"] == pytest.approx(result.metrics["eval/top1"])
+    (dataset_input,) = run.inputs.dataset_inputs
+    assert dataset_input.dataset.source_type == "local" and synth_shards in dataset_input.dataset.source
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "training_curves.png", "checkpoint"} <= artifacts
+    local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="checkpoint/model.safetensors")
+    assert weights(local).keys() == weights(result.model_path).keys()
+
+
 def test_a_halted_run_resumes_to_the_same_weights(ddp_run, synth_shards):
     uninterrupted, storage = ddp_run
     halted = run_training(pretrain_config(synth_shards, storage, "resumed", "halt_after_steps=6"), log=lambda *_: None)
@@ -85,6 +108,11 @@ def test_a_halted_run_resumes_to_the_same_weights(ddp_run, synth_shards):
     resumed = run_training(pretrain_config(synth_shards, storage, "resumed"), log=lambda *_: None)
     assert resumed.steps == 12 and resumed.segments == [[0, 6], [6, 12]]
     assert [r["step"] for r in resumed.history] == [4, 6, 8, 12]
+    assert resumed.mlflow_run_id == halted.mlflow_run_id  # one MLflow run across the attempts, no duplicates
+    import mlflow
+
+    losses = mlflow.MlflowClient().get_metric_history(resumed.mlflow_run_id, "train/loss")
+    assert sorted(m.step for m in losses) == list(range(1, 13))
     a, b = weights(uninterrupted.model_path), weights(resumed.model_path)
     assert a.keys() == b.keys()
     for key in a:
