@@ -207,11 +207,11 @@ class Tracker:
 
     def log_dataset(self, run_id: str, url: str, *, context: str, digest: str, name: str) -> None:
         """``url`` as the run's input (MLflow's dataset lineage), identified by the shards' fingerprint."""
+        import warnings
+
         from mlflow.data.dataset_source_registry import resolve_dataset_source
         from mlflow.data.meta_dataset import MetaDataset
         from mlflow.entities import DatasetInput, InputTag
-
-        import warnings
 
         source_url = url if "://" in url else "file://" + os.path.abspath(url)
         with warnings.catch_warnings():  # "can be interpreted in multiple ways": every reading is the same here
