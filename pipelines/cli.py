@@ -25,39 +25,78 @@ def main() -> None:
     """The open ViT platform: the Vision Transformer from raw corpus to registered model."""
 
 
-@main.command()
-@click.option(
-    "--config", "config_path", type=click.Path(exists=True, dir_okay=False), help="YAML config [configs/local.yaml]."
-)
+@main.command("run")
+@click.argument("config", required=False)
 @click.argument("overrides", nargs=-1)
-def demo(config_path: str | None, overrides: tuple[str, ...]) -> None:
-    """Pretrain a tiny ViT on a synthetic JFT-style corpus, fine-tune it on real digits, evaluate: locally, on Ray.
+@click.option("--from", "start_from", default=None, help="Re-run this step and every later one, even if done.")
+@click.option("--only", default=None, help="Re-run only this step, on the others' cached outputs.")
+def run_command(config: str | None, overrides: tuple[str, ...], start_from: str | None, only: str | None) -> None:
+    """The whole pipeline: corpus -> shard -> pretrain -> finetune -> evaluate -> register.
+
+    CONFIG is a YAML file (default: the embedded local demo, configs/local.yaml: a tiny ViT pretrained on a
+    synthetic corpus and fine-tuned on real digits, on a local Ray, tracked in ./mlflow.db). ``env:NAME``
+    reads the YAML from an environment variable (how `vit submit` hands it to a Ray Job). A CONFIG with
+    ``=`` in it is taken as the first override. Steps already done with the same settings are skipped.
 
     OVERRIDES are dotted settings, e.g. ``pretrain.steps=600 finetune.optim.lr=0.05 workdir=/tmp/demo``.
     """
-    from pipelines.demo import LOCAL_CONFIG, LocalDemoConfig, run_local_demo
+    import tempfile
 
+    from pipelines.tracking import TrackingError
+    from pipelines.workflow import LOCAL_CONFIG, PipelineConfig, StepFailedError, run_pipeline
+
+    if config is not None and "=" in config and not config.startswith("env:"):
+        config, overrides = None, (config, *overrides)
     try:
-        cfg = load_config(LocalDemoConfig, config_path or LOCAL_CONFIG, overrides)
+        if config is not None and config.startswith("env:"):
+            text = os.environ.get(config.removeprefix("env:"))
+            if text is None:
+                raise ConfigError(f"{config}: the environment variable is not set")
+            with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
+                handle.write(text)
+            config = handle.name
+        elif config is not None and not os.path.isfile(config):
+            raise ConfigError(f"{config}: no such config file")
+        cfg = load_config(PipelineConfig, config or LOCAL_CONFIG, overrides)
     except ConfigError as err:
         _fail(str(err))
     started = time.perf_counter()
     try:
-        result = run_local_demo(cfg, log=click.echo)
-    except ConfigError as err:
+        result = run_pipeline(cfg, start_from=start_from, only=only, log=click.echo)
+    except (ConfigError, TrackingError) as err:
         _fail(str(err))
+    except StepFailedError as err:
+        click.echo(f"error: {err}", err=True)
+        click.echo("The step's state is kept: run the same command again to resume it.", err=True)
+        sys.exit(1)
+    out = result.outputs
+    metrics = out.get("evaluate", {}).get("metrics", {})
     click.echo("")
-    click.echo(f"held-out top-1          {result.top1:.2%}  (360 digits never seen in training)")
-    click.echo(f"held-out top-5          {result.top5:.2%}")
-    fewshot = "  ".join(f"{k.split('/')[1]} {v:.1%}" for k, v in result.fewshot_pretrained.items())
-    click.echo(f"pretrained, few-shot    {fewshot}  (frozen features, before fine-tuning)")
-    click.echo(
-        f"time                    {time.perf_counter() - started:.0f} s  "
-        + ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items())
-    )
-    click.echo(f"pretraining run         {result.pretrain_run}")
-    click.echo(f"fine-tuning run         {result.finetune_run}")
-    click.echo(f"weights                 {result.model_path}  (vit.load_model(path) loads them)")
+    if "eval/top1" in metrics:
+        click.echo(f"held-out top-1     {metrics['eval/top1']:.2%}  ({int(metrics.get('eval/images', 0))} test images)")
+        click.echo(f"held-out top-5     {metrics['eval/top5']:.2%}")
+    fewshot = "  ".join(f"{k.split('/')[1]} {v:.1%}" for k, v in metrics.items() if k.startswith("fewshot/"))
+    if fewshot:
+        click.echo(f"few-shot linear    {fewshot}  (frozen features)")
+    spent = ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items())
+    cached = f"; cached: {', '.join(result.cached)}" if result.cached else ""
+    click.echo(f"time               {time.perf_counter() - started:.0f} s  ({spent or 'nothing to do'}{cached})")
+    click.echo(f"workdir            {result.workdir}  (corpus/, shards/, runs/, pipeline/ step states)")
+    for step in ("pretrain", "finetune"):
+        if out.get(step, {}).get("checkpoint"):
+            click.echo(f"{step + ' weights':<19}{out[step]['checkpoint']}/model.safetensors")
+    reg = out.get("register", {})
+    if reg.get("model_name"):
+        alias = "champion" if reg.get("promoted") else "challenger"
+        click.echo(f"registered model   models:/{reg['model_name']}/{reg['version']}  (alias @{alias})")
+        click.echo(f"predict            vit predict models:/{reg['model_name']}@champion IMAGE...")
+    if result.tracking_uri:
+        click.echo(f"MLflow             {result.tracking_uri}  (pipeline run {result.mlflow_run_id})")
+        if result.tracking_uri.startswith("http"):
+            click.echo(f"browse             open {result.tracking_uri}")
+        else:
+            click.echo(f"browse             mlflow ui --backend-store-uri {result.tracking_uri} --port 5000")
+            click.echo("                   then open http://127.0.0.1:5000")
 
 
 @main.command()
@@ -231,10 +270,12 @@ def _train_command(recipe: str, config_path: str | None, overrides: tuple[str, .
         plan_training(cfg)  # checks the config against the shards before any cluster starts
     except (ConfigError, FileNotFoundError, ValueError) as err:
         _fail(str(err))
+    from pipelines.tracking import TrackingError
+
     _init_ray(address, log_to_driver=True)  # the workers' progress lines
     try:
         result = run_training(cfg, log=click.echo)
-    except TrainingDivergedError as err:
+    except (TrainingDivergedError, TrackingError) as err:
         _fail(str(err))
     click.echo("")
     for key, value in result.metrics.items():
@@ -243,6 +284,8 @@ def _train_command(recipe: str, config_path: str | None, overrides: tuple[str, .
     click.echo(f"{'steps':<22} {result.steps}")
     click.echo(f"{'checkpoint':<22} {result.checkpoint}")
     click.echo(f"{'weights':<22} {result.model_path}  (vit.load_model loads them)")
+    if result.mlflow_run_id:
+        click.echo(f"{'MLflow run':<22} {result.mlflow_run_id}")
 
 
 _TRAIN_OPTIONS = [
@@ -287,13 +330,16 @@ def evaluate(config_path: str | None, overrides: tuple[str, ...]) -> None:
 
     OVERRIDES, e.g. ``model=runs/finetune-digits shards=shards/digits split=test``.
     """
-    from pipelines.evaluate import EvaluateConfig, evaluate_model
+    from pipelines.evaluate import EvaluateConfig, run_evaluation
+    from pipelines.tracking import TrackingError
 
     try:
         cfg = load_config(EvaluateConfig, config_path, overrides)
-        evaluate_model(cfg, log=click.echo)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+        result = run_evaluation(cfg, log=click.echo)
+    except (ConfigError, FileNotFoundError, ValueError, TrackingError) as err:
         _fail(str(err))
+    if result.mlflow_run_id:
+        click.echo(f"MLflow run {result.mlflow_run_id}")
 
 
 @main.group()
@@ -375,17 +421,17 @@ def _print_corpus(summary: CorpusSummary) -> None:
 
 
 @main.command("show-config")
-@click.argument("kind", type=click.Choice(["demo", "pretrain", "finetune", "evaluate"]))
+@click.argument("kind", type=click.Choice(["pipeline", "pretrain", "finetune", "evaluate"]))
 @click.argument("overrides", nargs=-1)
 def show_config(kind: str, overrides: tuple[str, ...]) -> None:
     """Print a job's resolved config as YAML (defaults plus OVERRIDES)."""
-    from pipelines.demo import LOCAL_CONFIG, LocalDemoConfig
     from pipelines.evaluate import EvaluateConfig
     from pipelines.train import CONFIGS
+    from pipelines.workflow import LOCAL_CONFIG, PipelineConfig
 
-    kinds = {"demo": LocalDemoConfig, "evaluate": EvaluateConfig, **CONFIGS}
+    kinds = {"pipeline": PipelineConfig, "evaluate": EvaluateConfig, **CONFIGS}
     try:
-        path = LOCAL_CONFIG if kind == "demo" else None
+        path = LOCAL_CONFIG if kind == "pipeline" else None
         click.echo(dump_config(load_config(kinds[kind], path, overrides)), nl=False)
     except ConfigError as err:
         _fail(str(err))

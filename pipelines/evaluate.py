@@ -7,6 +7,9 @@ downstream set once, which takes minutes, not the hours that justify a worker gr
 
 from __future__ import annotations
 
+import hashlib
+import json
+import posixpath
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -14,7 +17,8 @@ from dataclasses import dataclass, field
 import torch
 
 import vit
-from pipelines.stream import ShardSet, StreamSpec, make_loader, open_shards
+from pipelines.stream import ShardSet, StreamSpec, make_loader, open_shards, read_classes
+from pipelines.tracking import Tracker, TrackingConfig, dataset_fingerprint
 from pipelines.train import local_weights, resolve_weights
 from vit.data import build_transform, normalize
 from vit.evaluate import fewshot_accuracy, topk_hits
@@ -33,10 +37,96 @@ class EvaluateConfig:
     batch_size: int = 128
     loader_workers: int = 2
     storage_options: dict = field(default_factory=dict)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
-def evaluate_model(cfg: EvaluateConfig, log: Callable[[str], None] = print) -> dict[str, float]:
-    """``{"eval/top1", "eval/top5", "fewshot/1shot", ...}``: top-k only when the head fits the set's classes."""
+MAX_CONFUSION_CLASSES = 1000  # a confusion matrix of JFT's 18k classes would be 2.6 GB of counts
+
+
+@dataclass
+class EvaluationResult:
+    metrics: dict[str, float]
+    mlflow_run_id: str | None = None
+
+
+def run_evaluation(
+    cfg: EvaluateConfig,
+    log: Callable[[str], None] = print,
+    *,
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+) -> EvaluationResult:
+    """``evaluate_model`` as an MLflow run: the metrics, the confusion matrix (counts and a plot), the
+    test shards as input, tagged with the model evaluated (and the run that trained it, via ``tags``)."""
+    from pipelines.config import dump_config, to_dict
+
+    tracker = Tracker.open(cfg.tracking)
+    details: dict = {}
+    metrics = evaluate_model(cfg, log, details=details)
+    if tracker is None:
+        return EvaluationResult(metrics)
+    config = {k: v for k, v in to_dict(cfg).items() if k != "tracking"}
+    key = "evaluate:" + hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+    shards = cfg.shards.rstrip("/")
+    digest = dataset_fingerprint(shards, cfg.storage_options)
+    run_id = tracker.start_run(
+        key=key,
+        name=f"evaluate {posixpath.basename(cfg.model.rstrip('/'))} on {posixpath.basename(shards)}",
+        parent_id=parent_run_id,
+        tags={"vit.step": "evaluate", "vit.model": cfg.model, "vit.dataset": shards, **(tags or {})},
+        description=(
+            f"Top-1/top-5 of `{cfg.model}` on the {cfg.split} split of `{shards}`"
+            + (
+                f", and {'/'.join(map(str, cfg.shots))}-shot linear evaluation of its frozen features"
+                if cfg.shots
+                else ""
+            )
+        ),
+    )
+    tracker.log_params(run_id, config)
+    tracker.log_dataset(run_id, shards, context="evaluation", digest=digest, name=posixpath.basename(shards))
+    tracker.log_metrics(run_id, metrics)
+    tracker.log_text(run_id, dump_config(cfg), "config.yaml")
+    if "confusion" in details:
+        classes = read_classes(cfg.shards, cfg.storage_options)
+        confusion = details["confusion"]
+        tracker.log_dict(run_id, {"classes": classes, "counts": confusion.tolist()}, "confusion_matrix.json")
+        tracker.log_figure(run_id, confusion_figure(confusion, classes), "confusion_matrix.png")
+    tracker.finish(run_id)
+    return EvaluationResult(metrics, run_id)
+
+
+def confusion_figure(confusion: torch.Tensor, classes: list[str]):
+    """Rows: the true class; columns: the predicted one; each row normalised to its class's images."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    n = len(classes)
+    rates = confusion.double() / confusion.sum(dim=1, keepdim=True).clamp(min=1)
+    figure = Figure(figsize=(2 + 0.45 * n, 1.5 + 0.45 * n), layout="constrained")
+    ax = figure.add_subplot()
+    image = ax.imshow(rates.numpy(), cmap="Blues", vmin=0.0, vmax=1.0)
+    figure.colorbar(image, ax=ax, label="share of the true class")
+    if n <= 50:
+        ax.set_xticks(range(n), classes, rotation=90)
+        ax.set_yticks(range(n), classes)
+        for i in range(n):
+            for j in range(n):
+                if confusion[i, j]:
+                    color = "white" if rates[i, j] > 0.5 else "black"
+                    ax.text(j, i, str(int(confusion[i, j])), ha="center", va="center", fontsize=7, color=color)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    return figure
+
+
+def evaluate_model(
+    cfg: EvaluateConfig, log: Callable[[str], None] = print, *, details: dict | None = None
+) -> dict[str, float]:
+    """``{"eval/top1", "eval/top5", "fewshot/1shot", ...}``: top-k only when the head fits the set's classes.
+    ``details``, when given, receives the ``confusion`` matrix (true class x predicted class counts)."""
     if not cfg.model or not cfg.shards:
         raise ValueError("model and shards are both needed")
     started = time.perf_counter()
@@ -50,11 +140,19 @@ def evaluate_model(cfg: EvaluateConfig, log: Callable[[str], None] = print) -> d
 
     if model.config.num_classes == test.num_classes:
         hits, total = torch.zeros(2, dtype=torch.long), 0
+        n = test.num_classes if test.num_classes <= MAX_CONFUSION_CLASSES else 0
+        confusion = torch.zeros(n, n, dtype=torch.long)
         with torch.no_grad():
             for images, targets in _batches(test, cfg, image_size):
                 logits = model(images)
                 hits += torch.tensor([topk_hits(logits, targets, 1), topk_hits(logits, targets, 5)])
                 total += len(images)
+                if n:
+                    primary = targets.argmax(dim=-1) if targets.ndim == 2 else targets
+                    pairs = primary * n + logits.argmax(dim=-1)
+                    confusion += torch.bincount(pairs, minlength=n * n).view_as(confusion)
+        if details is not None and n:
+            details["confusion"] = confusion
         results.update({"eval/top1": hits[0].item() / total, "eval/top5": hits[1].item() / total, "eval/images": total})
         log(f"top-1 {results['eval/top1']:.2%}  top-5 {results['eval/top5']:.2%} on {total} {cfg.split} images")
     else:

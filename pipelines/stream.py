@@ -69,6 +69,16 @@ def read_info(root: str, storage_options: dict | None = None) -> dict:
         raise ShardsError(f"{root} has no _info.json: is it the output of `vit shard`?") from None
 
 
+def read_classes(root: str, storage_options: dict | None = None) -> list[str]:
+    """The class names of a `vit shard` output, in label-id order (ids as names when it has none)."""
+    fs, path = fsspec.core.url_to_fs(root, **(storage_options or {}))
+    try:
+        entries = json.loads(fs.cat_file(posixpath.join(path, "classes.json")))
+    except FileNotFoundError:
+        return [str(i) for i in range(read_info(root, storage_options)["num_classes"])]
+    return [entry["name"] for entry in sorted(entries, key=lambda e: e["id"])]
+
+
 def open_shards(root: str, split: str, storage_options: dict | None = None) -> ShardSet:
     """The tars of ``split`` under ``root``, from the ``_info.json`` that `vit shard` writes."""
     info = read_info(root, storage_options)

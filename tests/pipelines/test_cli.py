@@ -19,28 +19,16 @@ def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([VIT, *args], capture_output=True, text=True, cwd=cwd, timeout=600)
 
 
-def test_demo_runs_the_whole_pipeline_at_toy_size(tmp_path):
-    """`vit demo` as `make demo` runs it, shrunk: corpora, shards, pretraining, fine-tuning, evaluation."""
-    tiny = ["corpus.images=300", "pretrain.steps=6", "pretrain.optim.warmup_steps=2", "finetune.steps=6"]
-    tiny += ["finetune.optim.warmup_steps=2", "fewshot_shots=[1,5]", f"workdir={tmp_path}/demo"]
-    result = run("demo", *tiny)
-    assert result.returncode == 0, result.stdout + result.stderr
-    top1 = float(re.search(r"held-out top-1\s+([\d.]+)%", result.stdout)[1])
-    assert 0.0 <= top1 <= 100.0
-    weights = re.search(r"weights\s+(\S+)", result.stdout)[1]
-    model = vit.load_model(weights)
-    assert model.config.num_classes == 10 and model.config.representation_size is None
-    assert "1shot" in result.stdout and "5shot" in result.stdout
-    runs = sorted(p.name.split("-")[0] for p in (tmp_path / "demo" / "runs").iterdir())
-    assert runs == ["finetune", "pretrain"]
-
-
-def test_demo_rejects_a_bad_setting_by_name():
-    result = run("demo", "pretrain.optim.lr=fast")
+def test_run_rejects_bad_settings_and_steps_by_name(tmp_path):
+    result = run("run", "pretrain.optim.lr=fast")
     assert result.returncode == 2
     assert "pretrain.optim.lr" in result.stderr and "Traceback" not in result.stderr
-    result = run("demo", "pretrain.model=Q/16")
-    assert result.returncode == 2 and "unknown model" in result.stderr
+    result = run("run", "pretrain.model=Q/16", f"workdir={tmp_path}")
+    assert result.returncode == 2 and "pretrain.model" in result.stderr and "unknown model" in result.stderr
+    result = run("run", "--from", "deploy", f"workdir={tmp_path}")
+    assert result.returncode == 2 and "--from: no step 'deploy'" in result.stderr
+    result = run("run", str(tmp_path / "missing.yaml"))
+    assert result.returncode == 2 and "no such config file" in result.stderr
 
 
 def test_models_lists_variants_with_paper_sizes():

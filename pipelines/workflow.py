@@ -1,0 +1,527 @@
+"""The pipeline: corpus -> shard -> pretrain -> finetune -> evaluate -> register, as one cached workflow.
+
+    cfg = load_config(PipelineConfig, "configs/local.yaml", ["pretrain.steps=600"])
+    result = run_pipeline(cfg)                    # skips every step already done with these settings
+    run_pipeline(cfg, start_from="finetune")      # re-runs finetune and what follows, on purpose
+    run_pipeline(cfg, only="evaluate")            # re-runs one step on the cached outputs of the others
+
+Each step has a fingerprint: its own settings plus the identity of what it consumes (the shards'
+content fingerprint, the checkpoint it starts from). A step whose state file under
+``{workdir}/pipeline/`` records that fingerprint as done is skipped; a step that failed (or whose
+process died) runs again under the same names, so training resumes from its last checkpoint and
+sharding from its last finished shard. The same code runs locally (a local Ray, a sqlite MLflow store,
+local folders) and on a cluster (``vit submit``; the workdir and the store then live on shared storage).
+
+In MLflow the pipeline is a parent run, with a child run per step that did work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import posixpath
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import fsspec
+
+from pipelines.config import ConfigError, to_dict
+from pipelines.evaluate import EvaluateConfig, run_evaluation
+from pipelines.tracking import Tracker, TrackingConfig
+from pipelines.train import FinetuneConfig, PretrainConfig, run_training
+
+LOCAL_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "local.yaml"
+STEPS = ("corpus", "shard", "pretrain", "finetune", "evaluate", "register")
+Step = Literal["corpus", "shard", "pretrain", "finetune", "evaluate", "register"]
+
+
+class StepFailedError(RuntimeError):
+    """A step raised; its state says so, and the next run of the pipeline picks it up again."""
+
+
+@dataclass(kw_only=True)
+class SynthCorpusConfig:
+    images: int = 6000
+    classes: int = 10
+    image_size: int = 32
+    label_noise: float = 0.1
+    seed: int = 0
+
+
+@dataclass(kw_only=True)
+class DatasetConfig:
+    """A dataset of the pipeline: the corpus to shard and where its shards go."""
+
+    source: str = ""  # a corpus `vit shard` reads (path or URL); "synth" or "digits": made by the pipeline
+    shards: str = ""  # default: {workdir}/shards/{pretrain|finetune}
+    shard_samples: int = 10_000
+    val_fraction: float = 0.0  # held-out share when the corpus has no split column
+    synth: SynthCorpusConfig = field(default_factory=SynthCorpusConfig)  # when source is "synth"
+    storage_options: dict = field(default_factory=dict)
+
+
+@dataclass(kw_only=True)
+class EvaluateStepConfig:
+    split: str = "test"
+    shots: list[int] = field(default_factory=lambda: [1, 5, 10, 25])
+    batch_size: int = 128
+    loader_workers: int = 0
+
+
+@dataclass(kw_only=True)
+class RegisterConfig:
+    model_name: str = "vit"  # the registered model: models:/NAME@champion
+    metric: str = "eval/top1"  # what a challenger must beat the champion on (higher is better)
+    promote: bool = True  # make the new version champion when it wins
+
+
+@dataclass(kw_only=True)
+class PipelineConfig:
+    name: str = "vit"  # the pipeline's MLflow run is named after it
+    workdir: str = "runs/pipeline"  # corpora, shards, runs and the steps' state: a path or s3://...
+    storage_options: dict = field(default_factory=dict)  # fsspec options for workdir
+    pretrain_data: DatasetConfig = field(default_factory=lambda: DatasetConfig(source="synth"))
+    finetune_data: DatasetConfig = field(default_factory=lambda: DatasetConfig(source="digits"))
+    pretrain: PretrainConfig | None = field(default_factory=PretrainConfig)  # null: fine-tune finetune.init_from
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    evaluate: EvaluateStepConfig = field(default_factory=EvaluateStepConfig)
+    register: RegisterConfig = field(default_factory=RegisterConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+@dataclass
+class PipelineResult:
+    workdir: str
+    outputs: dict[str, dict]  # each step's outputs
+    ran: list[str]  # steps that did work in this call (the others were cached or not part of the pipeline)
+    cached: list[str]
+    seconds: dict[str, float]
+    mlflow_run_id: str | None
+    tracking_uri: str | None
+
+
+def run_pipeline(
+    cfg: PipelineConfig,
+    *,
+    start_from: str | None = None,
+    only: str | None = None,
+    log: Callable[[str], None] = print,
+) -> PipelineResult:
+    """Run the steps in order; see the module docstring for what is cached and what runs again."""
+    for name, value in (("--from", start_from), ("--only", only)):
+        if value is not None and value not in STEPS:
+            raise ConfigError(f"{name}: no step {value!r} (steps: {', '.join(STEPS)})")
+    _check(cfg)
+    forced = set(STEPS[STEPS.index(start_from) :]) if start_from else set()
+    if only:
+        forced = {only}
+    runner = _Runner(cfg, forced=forced, only=only, log=log)
+    return runner.run()
+
+
+def _check(cfg: PipelineConfig) -> None:
+    """Settings that would fail minutes in fail now, each naming its field."""
+    import vit
+
+    for section in ("pretrain", "finetune"):
+        model = getattr(getattr(cfg, section), "model", None) if getattr(cfg, section) is not None else None
+        if model is not None:
+            try:
+                vit.model_config(model)
+            except ValueError as err:
+                raise ConfigError(f"{section}.model: {err}") from None
+    if cfg.pretrain is None and not cfg.finetune.init_from:
+        raise ConfigError("finetune.init_from: with no pretrain step, fine-tuning needs weights to start from")
+    for section in ("pretrain_data", "finetune_data"):
+        data: DatasetConfig = getattr(cfg, section)
+        if section == "pretrain_data" and cfg.pretrain is None:
+            continue
+        if not data.source and not data.shards:
+            raise ConfigError(f"{section}.source: give a corpus to shard (or synth/digits), or existing shards")
+    if not cfg.register.model_name:
+        raise ConfigError("register.model_name: the registered model needs a name")
+
+
+def _init_ray() -> None:
+    """Started by the first step that needs Ray: a pipeline whose steps are all cached needs none."""
+    import logging
+
+    import ray
+
+    if ray.is_initialized():
+        return
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # per-operator progress: the step reports its own
+    if os.environ.get("RAY_ADDRESS"):  # inside a Ray Job, or pointed at a cluster: run there
+        ray.init(log_to_driver=False)
+    else:  # a Ray of our own, never one that happens to run on this machine
+        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+
+
+class _Runner:
+    def __init__(self, cfg: PipelineConfig, *, forced: set[str], only: str | None, log: Callable[[str], None]):
+        self.cfg, self.forced, self.only, self.log = cfg, forced, only, log
+        self.workdir = cfg.workdir if "://" in cfg.workdir else str(Path(cfg.workdir).resolve())
+        self.fs, self.root = fsspec.core.url_to_fs(self.workdir, **cfg.storage_options)
+        self.tracker = Tracker.open(cfg.tracking)
+        self.outputs: dict[str, dict] = {}
+        self.ran: list[str] = []
+        self.cached: list[str] = []
+        self.seconds: dict[str, float] = {}
+        self.parent_id: str | None = None
+
+    def path(self, *parts: str) -> str:
+        return posixpath.join(self.workdir, *parts)
+
+    # -- the steps' state
+
+    def _state_file(self, step: str) -> str:
+        return posixpath.join(self.root, "pipeline", f"{step}.json")
+
+    def load_state(self, step: str) -> dict:
+        try:
+            return json.loads(self.fs.cat_file(self._state_file(step)))
+        except FileNotFoundError:
+            return {}
+
+    def save_state(self, step: str, state: dict) -> None:
+        self.fs.makedirs(posixpath.dirname(self._state_file(step)), exist_ok=True)
+        self.fs.pipe_file(self._state_file(step), json.dumps(state, indent=1).encode())
+
+    # -- the run
+
+    def run(self) -> PipelineResult:
+        cfg = self.cfg
+        if self.tracker is not None:
+            settings = {k: v for k, v in to_dict(cfg).items() if k != "tracking"}
+            key = "pipeline:" + _digest([self.workdir, settings])
+            self.parent_id = self.tracker.start_run(
+                key=key,
+                name=f"pipeline {cfg.name}",
+                tags={"vit.step": "pipeline", "vit.workdir": self.workdir},
+                description=(
+                    f"The `{cfg.name}` pipeline in `{self.workdir}`: "
+                    + " -> ".join(s for s in STEPS if self._applies(s))
+                    + ". Each step that did work is a child run; a cached step points to its earlier run."
+                ),
+            )
+            self.tracker.log_params(self.parent_id, settings)
+        failed = None
+        try:
+            for number, step in enumerate(STEPS, 1):
+                if not self._applies(step):
+                    self.outputs[step] = {}
+                    continue
+                self._run_step(step, number)
+        except BaseException as err:
+            failed = err
+            raise
+        finally:
+            if self.tracker is not None and self.parent_id is not None:
+                status = "FINISHED" if failed is None else "FAILED"
+                try:
+                    self.tracker.finish(self.parent_id, status)
+                except Exception as err:  # the step's own error is the one to report
+                    self.log(f"warning: could not close the pipeline's MLflow run: {err}")
+        return PipelineResult(
+            workdir=self.workdir,
+            outputs=self.outputs,
+            ran=self.ran,
+            cached=self.cached,
+            seconds=self.seconds,
+            mlflow_run_id=self.parent_id,
+            tracking_uri=self.tracker.uri if self.tracker else None,
+        )
+
+    def _applies(self, step: str) -> bool:
+        if step == "pretrain":
+            return self.cfg.pretrain is not None
+        if step == "corpus":
+            return any(d.source in ("synth", "digits") for d in self._datasets().values())
+        return True
+
+    def _datasets(self) -> dict[str, DatasetConfig]:
+        datasets = {"finetune": self.cfg.finetune_data}
+        if self.cfg.pretrain is not None:
+            datasets = {"pretrain": self.cfg.pretrain_data, **datasets}
+        return datasets
+
+    def _run_step(self, step: str, number: int) -> None:
+        inputs = self._inputs(step)
+        fingerprint = _digest([step, inputs])
+        state = self.load_state(step)
+        done = state.get("status") == "done" and state.get("fingerprint") == fingerprint
+        label = f"[{number}/{len(STEPS)}] {step}"
+        if step not in self.forced and (done and self._outputs_exist(state.get("outputs", {}))):
+            self.outputs[step] = state["outputs"]
+            self.cached.append(step)
+            self.log(f"{label}: done earlier with these settings (fingerprint {fingerprint}); skipped")
+            if self.tracker is not None and self.parent_id and state.get("mlflow_run_id"):
+                self.tracker.set_tags(self.parent_id, {f"vit.cached.{step}": state["mlflow_run_id"]})
+            return
+        if self.only and step != self.only:
+            raise ConfigError(
+                f"--only {self.only}: step {step!r} has no finished output for these settings; run the pipeline "
+                f"without --only first"
+            )
+        # A step that failed (or whose process died) with these settings runs again under the same names,
+        # and so resumes; a step re-run on purpose starts afresh.
+        forced = step in self.forced
+        resume = state.get("fingerprint") == fingerprint and state.get("status") != "done" and not forced
+        attempt = state.get("attempt", fingerprint) if resume else _attempt_name(fingerprint, state, forced)
+        if resume:
+            self.log(f"{label}: resuming the attempt that stopped ({state.get('error') or 'the process ended'})")
+        state = {"step": step, "fingerprint": fingerprint, "attempt": attempt, "status": "running"}
+        state["started"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        self.save_state(step, state)
+        started = time.perf_counter()
+        try:
+            outputs = getattr(self, f"_step_{step}")(label, attempt, inputs)
+        except BaseException as err:
+            self.save_state(step, {**state, "status": "failed", "error": f"{type(err).__name__}: {err}"[:2000]})
+            if isinstance(err, (ConfigError, KeyboardInterrupt)):
+                raise
+            raise StepFailedError(f"step {step} failed: {type(err).__name__}: {err}") from err
+        self.seconds[step] = time.perf_counter() - started
+        self.outputs[step] = outputs
+        self.ran.append(step)
+        finished = time.strftime("%Y-%m-%dT%H:%M:%S")
+        self.save_state(step, {**state, "status": "done", "finished": finished, "outputs": outputs})
+
+    def _outputs_exist(self, outputs: dict) -> bool:
+        """A cached step's folders must still be there (someone may have deleted a run)."""
+        for key in ("run_dir", "shards_pretrain", "shards_finetune"):
+            location = outputs.get(key)
+            if location:
+                fs, path = fsspec.core.url_to_fs(location, **self.cfg.storage_options)
+                if not fs.exists(path):
+                    return False
+        return True
+
+    def _inputs(self, step: str) -> dict:
+        """What a step's fingerprint covers: its settings and the identity of what it consumes."""
+        cfg = self.cfg
+
+        def settings(section) -> dict:
+            data = to_dict(section)
+            for noise in ("tracking", "name", "storage_path", "storage_options", "loader_workers", "log_every"):
+                data.pop(noise, None)
+            return data
+
+        shard = self.outputs.get("shard", {})
+        if step == "corpus":
+            return {k: settings(d) for k, d in self._datasets().items() if d.source in ("synth", "digits")}
+        if step == "shard":
+            return {
+                "datasets": {k: settings(d) for k, d in self._datasets().items()},
+                "corpus": self.outputs.get("corpus", {}),
+            }
+        if step == "pretrain":
+            return {"config": settings(cfg.pretrain), "data": shard.get("fingerprint_pretrain")}
+        if step == "finetune":
+            start = self.outputs.get("pretrain", {}).get("checkpoint") or cfg.finetune.init_from
+            return {"config": settings(cfg.finetune), "data": shard.get("fingerprint_finetune"), "from": start}
+        if step == "evaluate":
+            return {"config": settings(cfg.evaluate), "model": self.outputs["finetune"].get("checkpoint")}
+        return {"config": settings(cfg.register), "model": self.outputs["finetune"].get("checkpoint")}
+
+    # -- the steps
+
+    def _step_corpus(self, label: str, attempt: str, inputs: dict) -> dict:
+        from pipelines.corpus import import_digits, synth_corpus
+
+        outputs = {}
+        for which, data in self._datasets().items():
+            if data.source == "synth":
+                s = data.synth
+                dst = self.path("corpus", which)
+                self.log(f"{label}: a synthetic JFT-style corpus, {s.images} images of {s.classes} classes")
+                synth_corpus(
+                    dst,
+                    images=s.images,
+                    classes=s.classes,
+                    image_size=s.image_size,
+                    label_noise=s.label_noise,
+                    seed=s.seed,
+                    workers=2,
+                    storage_options=self.cfg.storage_options,
+                    overwrite=True,
+                )
+            elif data.source == "digits":
+                dst = self.path("corpus", which)
+                self.log(f"{label}: the 1,797 real handwritten digits bundled with scikit-learn")
+                import_digits(dst, storage_options=self.cfg.storage_options, overwrite=True)
+            else:
+                continue
+            outputs[f"corpus_{which}"] = dst
+        self._child_run("corpus", "prepare the corpora", inputs, {}, description="The corpora the pipeline makes.")
+        return outputs
+
+    def _step_shard(self, label: str, attempt: str, inputs: dict) -> dict:
+        from pipelines.shard import ShardConfig, shard_corpus
+        from pipelines.tracking import dataset_fingerprint
+
+        _init_ray()
+        outputs: dict[str, Any] = {}
+        metrics: dict[str, float] = {}
+        for which, data in self._datasets().items():
+            made = data.source in ("synth", "digits")
+            source = self.outputs["corpus"].get(f"corpus_{which}") if made else data.source
+            dst = data.shards or self.path("shards", which)
+            options = data.storage_options or self.cfg.storage_options
+            if source:
+                self.log(f"{label}: sharding {source} with Ray Data")
+                shard_cfg = ShardConfig(
+                    src=source,
+                    dst=dst,
+                    shard_samples=data.shard_samples,
+                    val_fraction=data.val_fraction,
+                    storage_options=options,
+                )
+                summary = shard_corpus(shard_cfg, log=lambda *_: None)
+                metrics.update({f"{which}/read": summary.read, f"{which}/written": summary.written})
+                metrics.update({f"{which}/rejected": summary.rejected, f"{which}/shards": summary.shards})
+                self.log(
+                    f"      {summary.written:,} written + {summary.rejected:,} rejected = {summary.read:,} read, "
+                    f"in {summary.shards} shards ({', '.join(f'{k} {v:,}' for k, v in summary.splits.items())})"
+                )
+            outputs[f"shards_{which}"] = dst
+            outputs[f"fingerprint_{which}"] = dataset_fingerprint(dst, options)
+        self._child_run("shard", "shard the corpora", inputs, metrics, description="Corpora into WebDataset shards.")
+        return outputs
+
+    def _step_pretrain(self, label: str, attempt: str, inputs: dict) -> dict:
+        cfg = dataclasses.replace(self.cfg.pretrain)
+        cfg.data = dataclasses.replace(cfg.data, shards=self.outputs["shard"]["shards_pretrain"])
+        cfg.data.storage_options = cfg.data.storage_options or self.cfg.pretrain_data.storage_options
+        cfg.storage_path, cfg.name, cfg.tracking = self.path("runs"), f"pretrain-{attempt}", self.cfg.tracking
+        cfg.storage_options = cfg.storage_options or self.cfg.storage_options
+        self.log(f"{label}: ViT-{cfg.model} on the pretraining shards, {cfg.scale.num_workers} Ray Train workers")
+        _init_ray()
+        result = run_training(cfg, log=self._indent, parent_run_id=self.parent_id)
+        top1 = result.metrics.get("eval/top1")
+        if top1 is not None:
+            self.log(f"      held-out top-1 of pretraining: {top1:.2%}")
+        return {
+            "run_dir": result.run_dir,
+            "checkpoint": result.checkpoint,
+            "mlflow_run_id": result.mlflow_run_id,
+            "metrics": result.metrics,
+        }
+
+    def _step_finetune(self, label: str, attempt: str, inputs: dict) -> dict:
+        cfg = dataclasses.replace(self.cfg.finetune)
+        cfg.data = dataclasses.replace(cfg.data, shards=self.outputs["shard"]["shards_finetune"])
+        cfg.data.storage_options = cfg.data.storage_options or self.cfg.finetune_data.storage_options
+        cfg.storage_path, cfg.name, cfg.tracking = self.path("runs"), f"finetune-{attempt}", self.cfg.tracking
+        cfg.storage_options = cfg.storage_options or self.cfg.storage_options
+        pretrained = self.outputs.get("pretrain", {})
+        cfg.init_from = pretrained.get("checkpoint") or cfg.init_from
+        tags = {"vit.pretrain_run_id": pretrained["mlflow_run_id"]} if pretrained.get("mlflow_run_id") else {}
+        self.log(f"{label}: from {cfg.init_from}: a new zero-initialised head, the paper's SGD recipe")
+        _init_ray()
+        result = run_training(cfg, log=self._indent, parent_run_id=self.parent_id, tags=tags)
+        return {
+            "run_dir": result.run_dir,
+            "checkpoint": result.checkpoint,
+            "model_path": result.model_path,
+            "mlflow_run_id": result.mlflow_run_id,
+            "metrics": result.metrics,
+            "image_size": cfg.data.image_size,
+            "resize_size": cfg.data.resize_size,
+        }
+
+    def _step_evaluate(self, label: str, attempt: str, inputs: dict) -> dict:
+        tuned, ev = self.outputs["finetune"], self.cfg.evaluate
+        shards = self.outputs["shard"]["shards_finetune"]
+        self.log(f"{label}: top-1/top-5 on the {ev.split} split, and {'/'.join(map(str, ev.shots))}-shot linear")
+        cfg = EvaluateConfig(
+            model=tuned["checkpoint"],
+            shards=shards,
+            split=ev.split,
+            shots=ev.shots,
+            resize_size=tuned.get("resize_size"),
+            batch_size=ev.batch_size,
+            loader_workers=ev.loader_workers,
+            storage_options=self.cfg.finetune_data.storage_options or self.cfg.storage_options,
+            tracking=self.cfg.tracking,
+        )
+        tags = {"vit.finetune_run_id": tuned["mlflow_run_id"]} if tuned.get("mlflow_run_id") else {}
+        result = run_evaluation(cfg, log=self._indent, parent_run_id=self.parent_id, tags=tags)
+        return {"metrics": result.metrics, "mlflow_run_id": result.mlflow_run_id}
+
+    def _step_register(self, label: str, attempt: str, inputs: dict) -> dict:
+        reg, tuned = self.cfg.register, self.outputs["finetune"]
+        if self.tracker is None or not tuned.get("mlflow_run_id"):
+            self.log(f"{label}: tracking is off; nothing to register")
+            return {}
+        import mlflow
+
+        from pipelines.registry import log_vit_model, promote, register_model
+        from pipelines.stream import read_classes, read_info
+        from pipelines.train import local_weights
+
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # the step's log line says enough
+        run_id = tuned["mlflow_run_id"]
+        metrics = self.outputs["evaluate"]["metrics"]
+        shards = self.outputs["shard"]["shards_finetune"]
+        options = self.cfg.finetune_data.storage_options or self.cfg.storage_options
+        mlflow.set_tracking_uri(self.tracker.uri)
+        # The evaluation's figures go onto the run that made the model: the registry compares runs by them.
+        self.tracker.log_metrics(run_id, {k: v for k, v in metrics.items() if k != "eval/seconds"})
+        if not self.tracker.client.get_run(run_id).outputs.model_outputs:  # a retried step logs it once
+            with mlflow.start_run(run_id=run_id):
+                log_vit_model(
+                    local_weights(tuned["model_path"], options),
+                    read_classes(shards, options),
+                    image_size=tuned["image_size"],
+                    resize_size=tuned.get("resize_size"),
+                    multi_label=read_info(shards, options).get("multi_label", False),
+                )
+        version = register_model(run_id, reg.model_name, metric=reg.metric)
+        self.log(f"{label}: {reg.model_name} version {version.version} ({reg.metric} {metrics.get(reg.metric, 0):.4g})")
+        outputs = {"model_name": reg.model_name, "version": str(version.version), "promoted": False}
+        if reg.promote:
+            decision = promote(reg.model_name, str(version.version), metric=reg.metric)
+            outputs["promoted"] = bool(decision.promoted)
+            self.log(f"      {'champion' if decision.promoted else 'not promoted'}: {decision.reason}")
+        self._child_run("register", f"register {reg.model_name} v{version.version}", inputs, {}, tags={
+            "vit.model_name": reg.model_name, "vit.model_version": str(version.version),
+            "vit.finetune_run_id": run_id,
+        })  # fmt: skip
+        return outputs
+
+    # -- helpers
+
+    def _child_run(self, step: str, name: str, inputs: dict, metrics: dict, *, tags=None, description="") -> None:
+        if self.tracker is None:
+            return
+        run_id = self.tracker.start_run(
+            key=f"{step}:{_digest([self.workdir, inputs])}",
+            name=name,
+            parent_id=self.parent_id,
+            tags={"vit.step": step, **(tags or {})},
+            description=description,
+        )
+        if metrics:
+            self.tracker.log_metrics(run_id, metrics)
+        self.tracker.log_dict(run_id, inputs, "inputs.json")
+        self.tracker.finish(run_id)
+
+    def _indent(self, message: str) -> None:
+        self.log("      " + message)
+
+
+def _digest(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _attempt_name(fingerprint: str, previous: dict, forced: bool) -> str:
+    """The folder suffix of a step's runs: the fingerprint, plus a time stamp when re-run on purpose."""
+    if forced and previous:
+        return f"{fingerprint}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return fingerprint
