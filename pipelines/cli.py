@@ -437,5 +437,16 @@ def show_config(kind: str, overrides: tuple[str, ...]) -> None:
         _fail(str(err))
 
 
+def _add_edge_commands() -> None:
+    """The registry, prediction and Ray Job commands live with their code; their modules import MLflow and
+    Ray only inside the commands, so `vit --help` stays fast."""
+    from pipelines import jobs, registry
+
+    for command in (registry.registry, registry.predict, jobs.submit, jobs.jobs):
+        main.add_command(command)
+
+
+_add_edge_commands()
+
 if __name__ == "__main__":
     main()

@@ -50,7 +50,9 @@ Recipe = Literal["pretrain", "finetune"]
 
 MODEL_FILE = "model.safetensors"  # the portable weights in every checkpoint: vit.load_model reads them
 STATE_FILE = "trainer_state.json"
-HISTORY_FILE = "metrics.jsonl"
+HISTORY_FILE = "metrics.jsonl"  # a record per logged step: loss (window mean), health figures, evaluation
+STEPS_FILE = "steps.jsonl"  # every step's own [step, loss, lr, gradient norm]: what MLflow is reconciled with
+STEP_KEYS = ("train/loss", "train/lr", "train/grad_norm")
 COMMITTED_FILE = "COMMITTED"  # written once every rank's part of a checkpoint is in storage
 
 # Dense bf16 peak FLOP/s of accelerators we know, for MFU (model FLOPs utilisation).
@@ -372,7 +374,8 @@ def _finish_tracked_run(tracker: Tracker, cfg: TrainConfig, result: TrainResult,
     from pipelines.tracking import training_curves
 
     run_id = result.mlflow_run_id
-    missing = tracker.sync_metrics(run_id, [*result.history, *unsent])
+    # Each step's own values last: at a logged step they, not the window's mean loss, are what MLflow should hold.
+    missing = tracker.sync_metrics(run_id, [*result.history, *unsent, *step_records(result.checkpoint, cfg)])
     if missing:
         log(f"MLflow had missed {missing} metric values (the server was unreachable for a while); sent them now")
     if result.metrics:
@@ -381,7 +384,7 @@ def _finish_tracked_run(tracker: Tracker, cfg: TrainConfig, result: TrainResult,
     if result.history:
         figure = training_curves(result.history, title=result.name)
         tracker.log_figure(run_id, figure, "training_curves.png")
-    for filename in (MODEL_FILE, STATE_FILE, HISTORY_FILE):
+    for filename in (MODEL_FILE, STATE_FILE, HISTORY_FILE, STEPS_FILE):
         try:
             path = local_weights(posixpath.join(result.checkpoint, filename), cfg.storage_options)
         except FileNotFoundError:
@@ -391,6 +394,16 @@ def _finish_tracked_run(tracker: Tracker, cfg: TrainConfig, result: TrainResult,
     tracker.set_tags(run_id, {"vit.checkpoint": result.checkpoint, "vit.status": status or "finished"})
     # A halted run (halt_after_steps) is resumable: KILLED until a later attempt finishes it.
     tracker.finish(run_id, "FINISHED" if status == "finished" else "KILLED")
+
+
+def step_records(checkpoint: str, cfg: TrainConfig) -> list[dict]:
+    """Every step's own loss, learning rate and gradient norm up to ``checkpoint``, as history records."""
+    fs, path = fsspec.core.url_to_fs(posixpath.join(checkpoint, STEPS_FILE), **cfg.storage_options)
+    try:
+        lines = fs.cat_file(path).decode().splitlines()
+    except FileNotFoundError:
+        return []
+    return [dict(zip(("step", *STEP_KEYS), json.loads(line))) for line in lines if line]
 
 
 def _finish_quietly(tracker: Tracker, run_id: str | None, status: str) -> None:
@@ -453,6 +466,7 @@ class _Loop:
         self.ema = [p.detach().clone() for p in self.model.parameters()] if cfg.ema_decay else None
         self.step = 0
         self.history: list[dict] = []
+        self.step_values: list[list[float]] = []  # [step, *STEP_KEYS] per step; ~40 bytes each in the checkpoint
         self.segments: list[list[int]] = []
         self.eval_metrics: dict[str, float] = {}
 
@@ -532,6 +546,7 @@ class _Loop:
             self.step += 1
             self.segments[-1][1] = self.step
             step_metrics = dict(metrics)  # this step's own loss, lr and gradient norm
+            self.step_values.append([self.step, *(round(metrics[k], 7) for k in STEP_KEYS)])
             if live is not None:
                 live.log(self.step, step_metrics)
             finished = self.step == stop_at
@@ -710,6 +725,7 @@ class _Loop:
                 }
                 (folder / STATE_FILE).write_text(json.dumps(trainer_state, indent=1))
                 (folder / HISTORY_FILE).write_text("".join(json.dumps(r) + "\n" for r in self.history))
+                (folder / STEPS_FILE).write_text("".join(json.dumps(r) + "\n" for r in self.step_values))
             name = f"checkpoint-{self.step:08d}"
             ray.train.report(
                 {"step": self.step, **metrics}, checkpoint=Checkpoint.from_directory(folder), checkpoint_dir_name=name
@@ -774,6 +790,9 @@ class _Loop:
         history = folder / HISTORY_FILE
         if history.exists():
             self.history = [json.loads(line) for line in history.read_text().splitlines() if line]
+        steps = folder / STEPS_FILE
+        if steps.exists():
+            self.step_values = [json.loads(line) for line in steps.read_text().splitlines() if line]
         rng = folder / f"rng-{self.rank}.pt"
         if rng.exists() and trainer_state.get("world_size") == self.world:
             _set_rng_state(torch.load(rng, weights_only=True))

@@ -212,7 +212,8 @@ class _Runner:
             self.tracker.log_params(self.parent_id, settings)
         failed = None
         try:
-            for number, step in enumerate(STEPS, 1):
+            last = STEPS.index(self.only) if self.only else len(STEPS) - 1
+            for number, step in enumerate(STEPS[: last + 1], 1):  # --only: the later steps' turn comes next run
                 if not self._applies(step):
                     self.outputs[step] = {}
                     continue

@@ -1,0 +1,167 @@
+"""`vit run`, as a user runs it (the console script in a subprocess), tracked on a real `mlflow server`:
+the whole pipeline at toy size, its cache, --from/--only, and a killed run that resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+VIT = shutil.which("vit", path=str(Path(sys.executable).parent)) or "vit"
+
+TINY = [
+    "pretrain_data.synth.images=300",
+    "pretrain.steps=6",
+    "pretrain.optim.warmup_steps=2",
+    "pretrain.checkpoint_every=3",
+    "finetune.steps=6",
+    "finetune.optim.warmup_steps=2",
+    "evaluate.shots=[1,5]",
+]
+
+
+def vit_run(workdir: Path, *args: str, experiment: str, model: str) -> subprocess.CompletedProcess:
+    settings = [*TINY, f"workdir={workdir}", f"tracking.experiment={experiment}", f"register.model_name={model}"]
+    return subprocess.run([VIT, "run", *settings, *args], capture_output=True, text=True, timeout=600)
+
+
+def child_runs(client, parent_id: str) -> dict[str, list]:
+    experiment = client.get_run(parent_id).info.experiment_id
+    runs = client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+    by_step: dict[str, list] = {}
+    for run in runs:
+        by_step.setdefault(run.data.tags["vit.step"], []).append(run)
+    return by_step
+
+
+@pytest.fixture(scope="module")
+def pipeline(mlflow_server, tmp_path_factory):
+    """One toy pipeline run, tracked on the session's server: (workdir, stdout, parent run id)."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)  # for this module's subprocesses and clients
+        workdir = tmp_path_factory.mktemp("pipeline") / "work"
+        result = vit_run(workdir, experiment="wf", model="wf-model")
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        parent = re.search(r"pipeline run (\w+)", result.stdout)[1]
+        yield workdir, result.stdout, parent
+
+
+def test_the_pipeline_runs_every_step_and_tells_the_story_in_mlflow(pipeline):
+    import mlflow
+
+    workdir, stdout, parent_id = pipeline
+    top1 = float(re.search(r"held-out top-1\s+([\d.]+)%", stdout)[1])
+    assert 0.0 <= top1 <= 100.0 and "models:/wf-model/1" in stdout and "mlflow" in stdout.lower()
+    client = mlflow.MlflowClient()
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "pipeline demo"
+    steps = child_runs(client, parent_id)
+    assert sorted(steps) == sorted(["corpus", "shard", "pretrain", "finetune", "evaluate", "register"])
+    assert all(len(runs) == 1 and runs[0].info.status == "FINISHED" for runs in steps.values())
+    pretrain, finetune, evaluate = steps["pretrain"][0], steps["finetune"][0], steps["evaluate"][0]
+    assert finetune.data.tags["vit.pretrain_run_id"] == pretrain.info.run_id  # lineage: fine-tune -> pretrain
+    assert evaluate.data.tags["vit.finetune_run_id"] == finetune.info.run_id
+    assert finetune.inputs.dataset_inputs[0].dataset.digest == finetune.data.tags["vit.dataset_fingerprint"][:36]
+    assert steps["shard"][0].data.metrics["finetune/written"] == 1797
+    confusion = json.loads(Path(mlflow.artifacts.download_artifacts(
+        run_id=evaluate.info.run_id, artifact_path="confusion_matrix.json")).read_text())  # fmt: skip
+    assert len(confusion["classes"]) == 10 and sum(map(sum, confusion["counts"])) == 360
+    assert evaluate.data.metrics["eval/top1"] == pytest.approx(top1 / 100, abs=1e-4)
+    version = client.get_model_version_by_alias("wf-model", "champion")
+    assert version.version == "1" and version.run_id == finetune.info.run_id
+    assert client.get_model_version_by_alias("wf-model", "challenger").version == "1"
+
+
+def test_the_registered_champion_predicts_in_a_fresh_process(pipeline):
+    workdir, _, _ = pipeline
+    images = sorted((workdir / "corpus" / "finetune" / "test").glob("*/*.png"))[:40:8]
+    result = subprocess.run(
+        [VIT, "predict", "models:/wf-model@champion", *map(str, images), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == len(images)
+    assert all(row["label"] in [str(d) for d in range(10)] and 0.0 <= row["probability"] <= 1.0 for row in rows)
+
+
+def test_a_rerun_skips_finished_steps_and_from_and_only_rerun_on_purpose(pipeline):
+    import mlflow
+
+    workdir, _, parent_id = pipeline
+    client = mlflow.MlflowClient()
+    experiment = client.get_run(parent_id).info.experiment_id
+    before = len(client.search_runs([experiment]))
+
+    again = vit_run(workdir, experiment="wf", model="wf-model")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("skipped") == 6 and "nothing to do" in again.stdout
+    assert len(client.search_runs([experiment])) == before  # same settings: the same parent, no new runs
+
+    rerun = vit_run(workdir, "--from", "evaluate", experiment="wf", model="wf-model")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert rerun.stdout.count("skipped") == 4 and "evaluate" in rerun.stdout.split("time")[-1]
+    assert [v.version for v in client.search_model_versions("name='wf-model'")] == ["1"]  # registering is idempotent
+
+    only = vit_run(workdir, "--only", "finetune", experiment="wf", model="wf-model")
+    assert only.returncode == 0, only.stderr[-3000:]
+    runs = sorted(p.name for p in (workdir / "runs").iterdir() if p.name.startswith("finetune-"))
+    assert len(runs) == 2  # re-run on purpose: a fresh run folder, not a resume of the finished one
+    follow = vit_run(workdir, experiment="wf", model="wf-model")  # evaluate and register see the new model
+    assert follow.returncode == 0, follow.stderr[-3000:]
+    assert follow.stdout.count("skipped") == 4
+    versions = {v.version: v for v in client.search_model_versions("name='wf-model'")}
+    assert sorted(versions) == ["1", "2"]
+    assert client.get_model_version_by_alias("wf-model", "challenger").version == "2"
+    champion = client.get_model_version_by_alias("wf-model", "champion").version
+    top1 = {v: float(versions[v].tags["metric.eval/top1"]) for v in versions}
+    assert champion == ("2" if top1["2"] > top1["1"] else "1")  # promoted only when strictly better
+
+
+def test_a_killed_pipeline_resumes_where_it_stopped(mlflow_uri, tmp_path):
+    """SIGKILL the whole `vit run` (driver, its Ray and workers) after pretraining's second checkpoint; the
+    same command resumes pretraining from that checkpoint, in the same MLflow run, with no step logged twice."""
+    import mlflow
+
+    workdir = tmp_path / "work"
+    longer = ["pretrain.steps=30", "pretrain.checkpoint_every=5", "pretrain.log_every=5", "finetune.steps=4"]
+    settings = [*TINY, *longer, f"workdir={workdir}", "tracking.experiment=wf-kill", "register.model_name=wf-kill"]
+    process = subprocess.Popen(
+        [VIT, "run", *settings], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.monotonic() + 300
+    try:
+        while not list((workdir / "runs").glob("pretrain-*/checkpoint-00000010/COMMITTED")):
+            assert process.poll() is None, "the pipeline ended before it could be killed"
+            assert time.monotonic() < deadline, "no second checkpoint within 300 s"
+            time.sleep(0.2)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    state = json.loads((workdir / "pipeline" / "pretrain.json").read_text())
+    assert state["status"] == "running"  # the process died: no one could write "failed"
+
+    resumed = subprocess.run([VIT, "run", *settings], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "pretrain: resuming" in resumed.stdout and resumed.stdout.count("skipped") == 2  # corpus, shard
+    (run_dir,) = (workdir / "runs").glob("pretrain-*")
+    final = json.loads((run_dir / "checkpoint-00000030" / "trainer_state.json").read_text())
+    (first, second) = final["segments"]  # [first, last) steps of each attempt
+    assert first[0] == 0 and second[1] == 30 and second[0] % 5 == 0 and 10 <= second[0] <= first[1]
+    client = mlflow.MlflowClient()
+    run = client.search_runs(
+        [client.get_experiment_by_name("wf-kill").experiment_id], filter_string="tags.`vit.step` = 'pretrain'"
+    )
+    assert len(run) == 1 and run[0].info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run[0].info.run_id, "train/loss")]
+    assert sorted(steps) == list(range(1, 31))  # every step once: the resumed attempt skips what was logged
