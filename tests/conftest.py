@@ -84,6 +84,8 @@ class MlflowServer:
             stdout=self.log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            # MLflow 3's server also starts eight GenAI job consumers (~2 GB); a tracking server needs none.
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
         )
 
     def wait_ready(self, timeout: float = 120.0) -> MlflowServer:
