@@ -71,7 +71,7 @@ def run_evaluation(
     digest = dataset_fingerprint(shards, cfg.storage_options)
     run_id = tracker.start_run(
         key=key,
-        name=f"evaluate {posixpath.basename(cfg.model.rstrip('/'))} on {posixpath.basename(shards)}",
+        name=f"evaluate {_model_label(cfg.model)} on {posixpath.basename(shards)}",
         parent_id=parent_run_id,
         tags={"vit.step": "evaluate", "vit.model": cfg.model, "vit.dataset": shards, **(tags or {})},
         description=(
@@ -94,6 +94,14 @@ def run_evaluation(
         tracker.log_figure(run_id, confusion_figure(confusion, classes), "confusion_matrix.png")
     tracker.finish(run_id)
     return EvaluationResult(metrics, run_id)
+
+
+def _model_label(location: str) -> str:
+    """``runs/finetune-x/checkpoint-00000500`` -> ``finetune-x@500``; other locations by their last part."""
+    head, last = posixpath.split(location.rstrip("/"))
+    if last.startswith("checkpoint-"):
+        return f"{posixpath.basename(head)}@{int(last.removeprefix('checkpoint-'))}"
+    return last
 
 
 def confusion_figure(confusion: torch.Tensor, classes: list[str]):

@@ -251,6 +251,11 @@ class _Runner:
             datasets = {"pretrain": self.cfg.pretrain_data, **datasets}
         return datasets
 
+    def _shards_name(self, which: str) -> str:
+        """A dataset's shards are named after its source (MLflow shows the name), unless both share one."""
+        names = {w: posixpath.basename(d.source.rstrip("/")) or w for w, d in self._datasets().items()}
+        return names[which] if list(names.values()).count(names[which]) == 1 else f"{names[which]}-{which}"
+
     def _run_step(self, step: str, number: int) -> None:
         inputs = self._inputs(step)
         fingerprint = _digest([step, inputs])
@@ -339,7 +344,7 @@ class _Runner:
         for which, data in self._datasets().items():
             if data.source == "synth":
                 s = data.synth
-                dst = self.path("corpus", which)
+                dst = self.path("corpus", "synth")
                 self.log(f"{label}: a synthetic JFT-style corpus, {s.images} images of {s.classes} classes")
                 synth_corpus(
                     dst,
@@ -353,7 +358,7 @@ class _Runner:
                     overwrite=True,
                 )
             elif data.source == "digits":
-                dst = self.path("corpus", which)
+                dst = self.path("corpus", "digits")
                 self.log(f"{label}: the 1,797 real handwritten digits bundled with scikit-learn")
                 import_digits(dst, storage_options=self.cfg.storage_options, overwrite=True)
             else:
@@ -372,7 +377,7 @@ class _Runner:
         for which, data in self._datasets().items():
             made = data.source in ("synth", "digits")
             source = self.outputs["corpus"].get(f"corpus_{which}") if made else data.source
-            dst = data.shards or self.path("shards", which)
+            dst = data.shards or self.path("shards", self._shards_name(which))
             options = data.storage_options or self.cfg.storage_options
             if source:
                 self.log(f"{label}: sharding {source} with Ray Data")

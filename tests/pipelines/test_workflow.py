@@ -63,6 +63,8 @@ def test_the_pipeline_runs_every_step_and_tells_the_story_in_mlflow(pipeline):
     client = mlflow.MlflowClient()
     parent = client.get_run(parent_id)
     assert parent.info.status == "FINISHED" and parent.info.run_name == "pipeline demo"
+    assert {r.info.run_name for r in client.search_runs([parent.info.experiment_id])} >= {
+        "pretrain Mu/8 on synth", "finetune from checkpoint-00000006 on digits"}  # fmt: skip
     steps = child_runs(client, parent_id)
     assert sorted(steps) == sorted(["corpus", "shard", "pretrain", "finetune", "evaluate", "register"])
     assert all(len(runs) == 1 and runs[0].info.status == "FINISHED" for runs in steps.values())
@@ -82,7 +84,7 @@ def test_the_pipeline_runs_every_step_and_tells_the_story_in_mlflow(pipeline):
 
 def test_the_registered_champion_predicts_in_a_fresh_process(pipeline):
     workdir, _, _ = pipeline
-    images = sorted((workdir / "corpus" / "finetune" / "test").glob("*/*.png"))[:40:8]
+    images = sorted((workdir / "corpus" / "digits" / "test").glob("*/*.png"))[:40:8]
     result = subprocess.run(
         [VIT, "predict", "models:/wf-model@champion", *map(str, images), "--json"],
         capture_output=True,

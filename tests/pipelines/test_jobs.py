@@ -1,0 +1,423 @@
+"""`vit submit` and `vit jobs`: the pipeline as a Ray Job, against a real local cluster started with `ray start --head`.
+
+The cluster is started once for the module (~10-20 s on 2 cores) in a session of its own, with its own ports and a
+temp dir of its own, so it neither sees nor disturbs other Ray instances on the machine (never `ray stop`: that ends
+every Ray instance of the user). Quick jobs use ``entrypoint`` so they test the submission, not the pipeline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from pipelines import jobs
+from pipelines.jobs import JobsError
+
+REPO = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
+RAY_CURRENT_CLUSTER = Path("/tmp/ray/ray_current_cluster")  # what a bare ray.init() attaches to
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cli(*args: str) -> tuple[int, str]:
+    """Run ``vit submit`` (when the first word is ``submit``) or ``vit jobs ...``; return (exit code, all output)."""
+    command = jobs.submit if args[0] == "submit" else jobs.jobs
+    result = CliRunner().invoke(command, list(args[1:] if args[0] == "submit" else args))
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.output
+
+
+def _assert_user_error(code: int, output: str, *fragments: str) -> None:
+    assert code == 2, output
+    assert output.startswith("error: "), output
+    assert "Traceback" not in output
+    for fragment in fragments:
+        assert fragment in output, output
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# without a cluster
+
+
+def test_the_entrypoint_reads_the_config_from_the_environment_and_quotes_overrides():
+    overrides = ["train.steps=3", "name=two words", "x=$(touch /tmp/pwned)"]
+    command = jobs.pipeline_entrypoint("configs/big.yaml", overrides)
+    assert command.startswith("python -m pipelines.cli run env:VIT_PIPELINE_YAML ")
+    assert shlex.split(command)[5:] == overrides  # the shell gives the command exactly the words we meant
+    assert jobs.pipeline_entrypoint(None, ["a=1"]) == "python -m pipelines.cli run a=1"
+
+
+def test_the_runtime_env_ships_the_config_text_and_endpoints_but_no_credentials(tmp_path, monkeypatch):
+    config = tmp_path / "tiny.yaml"
+    config.write_text("train:\n  steps: 3  # tiny\n")
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("# extras for the job\nrequests>=2\n\ntqdm  # progress bars\n")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://minio.internal:9000")
+    monkeypatch.delenv("MLFLOW_S3_ENDPOINT_URL", raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIA-do-not-ship")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret-do-not-ship")
+
+    runtime_env = jobs.pipeline_runtime_env(
+        str(config), working_dir=str(tmp_path), requirements=str(requirements), env={"VIT_EXTRA": "1"}
+    )
+    assert runtime_env["working_dir"] == str(tmp_path.resolve())
+    assert {".git", ".venv", "__pycache__", "*.db", "/runs", "/mlruns"} <= set(runtime_env["excludes"])
+    assert runtime_env["env_vars"] == {
+        "MLFLOW_TRACKING_URI": "http://mlflow.internal:5000",
+        "AWS_ENDPOINT_URL": "http://minio.internal:9000",
+        "VIT_PIPELINE_YAML": config.read_text(),
+        "VIT_EXTRA": "1",
+    }
+    assert "do-not-ship" not in repr(runtime_env)
+    assert runtime_env["pip"] == ["requests>=2", "tqdm"]
+    assert "VIT_PIPELINE_YAML" not in jobs.pipeline_runtime_env(None, working_dir=str(tmp_path)).get("env_vars", {})
+
+
+def test_bad_inputs_fail_before_anything_is_sent(tmp_path):
+    unreachable = f"http://127.0.0.1:{_free_port()}"  # never contacted: each problem is found first
+    (tmp_path / "list.yaml").write_text("- not\n- a mapping\n")
+    (tmp_path / "broken.yaml").write_text("train: [unclosed\n")
+    cases = [
+        ({"config_path": str(tmp_path / "missing.yaml")}, "no such file"),
+        ({"config_path": str(tmp_path / "list.yaml")}, "expected a mapping"),
+        ({"config_path": str(tmp_path / "broken.yaml")}, "not valid YAML"),
+        ({"config_path": None, "overrides": ["steps"]}, "not of the form key.sub=value"),
+        ({"config_path": None, "working_dir": str(tmp_path / "nowhere")}, "no such directory"),
+        ({"config_path": None, "env": {"BAD NAME": "1"}}, "not a valid environment variable name"),
+        ({"config_path": None, "requirements": str(tmp_path / "none.txt")}, "no such file"),
+    ]
+    for kwargs, message in cases:
+        kwargs.setdefault("working_dir", str(tmp_path))
+        with pytest.raises(JobsError, match=re.escape(message)):
+            jobs.submit_pipeline(address=unreachable, **kwargs)
+
+
+def test_a_working_dir_over_rays_upload_limit_is_refused_with_its_largest_entries(tmp_path, monkeypatch):
+    monkeypatch.setattr(jobs, "MAX_PACKAGE_BYTES", 10_000)
+    (tmp_path / "code.py").write_text("print('hi')\n")
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "pack").write_bytes(b"x" * 50_000)  # excluded: does not count
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "ckpt.bin").write_bytes(b"x" * 50_000)  # excluded: does not count
+    assert jobs.package_size(str(tmp_path)) == (1, len("print('hi')\n"))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "images.bin").write_bytes(b"x" * 20_000)
+    with pytest.raises(JobsError, match=r"over Ray's limit.*largest: data 0\.0 MiB.*\.rayignore"):
+        jobs.package_size(str(tmp_path))
+
+
+def test_the_default_address_is_the_environments_dashboard_url_or_the_local_one(monkeypatch):
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert jobs.default_address() == "http://127.0.0.1:8265"
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")  # a GCS address for ray.init, not a Jobs API
+    assert jobs.default_address() == "http://127.0.0.1:8265"
+    monkeypatch.setenv("RAY_ADDRESS", "https://ray.example.org/")
+    assert jobs.default_address() == "https://ray.example.org"
+
+
+def test_an_unreachable_address_is_a_clear_error():
+    address = f"http://127.0.0.1:{_free_port()}"
+    code, output = _cli("list", "--address", address)
+    _assert_user_error(code, output, address, "8265", "ray[default]")
+    code, output = _cli("submit", "--address", "ftp://somewhere", "--working-dir", str(REPO), "a=1")
+    _assert_user_error(code, output, "expected an http(s):// URL")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# against a real cluster
+
+
+@dataclass(frozen=True)
+class RayHead:
+    address: str  # the dashboard: the Jobs API
+    gcs_port: int  # a live port that is not a dashboard
+    session: int  # the session id of every process of the cluster
+
+
+def _cluster_processes(session: int, temp_dir: str) -> list[str]:
+    """``ps`` lines of live processes of the cluster: in its session, or naming its temp dir (in case one left it)."""
+    lines = subprocess.run(["ps", "-eo", "pid=,sid=,stat=,args="], capture_output=True, text=True).stdout
+    found = []
+    for line in lines.splitlines():
+        pid, sid, stat, args = (line.split(None, 3) + [""])[:4]
+        if stat.startswith("Z") or int(pid) == os.getpid():
+            continue
+        if int(sid) == session or temp_dir in args:
+            found.append(line.strip())
+    return found
+
+
+def _signal_all(pids: list[int], sig: signal.Signals) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):  # ended meanwhile
+            os.kill(pid, sig)
+
+
+def _stop_cluster(process: subprocess.Popen, temp_dir: str) -> None:
+    """End every process of the cluster (ours alone, by pid): SIGTERM to all, then SIGKILL to what is left.
+
+    `ray start --block` passes SIGTERM on to its children, but Ray's workers run in process groups of their own (same
+    session, which finds them all) and the GCS and raylet take 10-35 s to end gracefully.
+    """
+    session = process.pid
+
+    def pids() -> list[int]:
+        return [int(line.split()[0]) for line in _cluster_processes(session, temp_dir)]
+
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(session, signal.SIGTERM)
+    _signal_all(pids(), signal.SIGTERM)
+    deadline = time.monotonic() + 3  # a graceful stop takes ~35 s here (GCS, raylet): not worth it for a test cluster
+    while pids() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    _signal_all(pids(), signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while pids() and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def ray_head() -> Iterator[RayHead]:
+    """A real head node with the dashboard, on free ports, in its own session; stopped (and checked) afterwards."""
+    marker_before = RAY_CURRENT_CLUSTER.read_bytes() if RAY_CURRENT_CLUSTER.exists() else None
+    temp_dir = tempfile.mkdtemp(prefix="vj", dir="/tmp")  # short: Ray's unix socket paths must stay < 107 chars
+    ports = {
+        name: _free_port()
+        for name in (
+            "port",
+            "dashboard-port",
+            "ray-client-server-port",
+            "node-manager-port",
+            "object-manager-port",
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "runtime-env-agent-port",
+            "metrics-export-port",
+        )
+    }
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"  # `python` in a job is this venv's python
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    command = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--num-cpus", "4", "--include-dashboard=true"]
+    command += ["--dashboard-host", "127.0.0.1", "--temp-dir", temp_dir, "--disable-usage-stats"]
+    command += [arg for name, port in ports.items() for arg in (f"--{name}", str(port))]
+    log_path = Path(temp_dir) / "ray-start.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=temp_dir, start_new_session=True
+        )
+    address = f"http://127.0.0.1:{ports['dashboard-port']}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                jobs.list_jobs(address)
+                break
+            except JobsError as err:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"no Ray dashboard at {address} ({err}): {log_path.read_text()[-3000:]}"
+                    ) from err
+                time.sleep(0.5)
+        yield RayHead(address=address, gcs_port=ports["port"], session=process.pid)
+    finally:
+        _stop_cluster(process, temp_dir)
+        left = _cluster_processes(process.pid, temp_dir)
+        if marker_before is None:
+            RAY_CURRENT_CLUSTER.unlink(missing_ok=True)
+        elif RAY_CURRENT_CLUSTER.read_bytes() != marker_before:
+            RAY_CURRENT_CLUSTER.write_bytes(marker_before)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        assert not left, f"processes of the test cluster still running: {left}"
+
+
+def _wait_until_running(address: str, job_id: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while (status := jobs.job_status(address, job_id).status) == "PENDING" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert status == "RUNNING", status
+
+
+@pytest.mark.distributed
+def test_a_quick_job_runs_the_uploaded_code_and_its_logs_and_status_come_back(ray_head):
+    marker = uuid.uuid4().hex[:8]
+    code = (
+        f"import sys, pipelines, vit; print('hello from', vit.__name__, '{marker}', pipelines.__file__, sys.executable)"
+    )
+    job_id = jobs.submit_pipeline(
+        None, [], address=ray_head.address, working_dir=str(REPO), entrypoint=f'python -c "{code}"'
+    )
+    assert job_id.startswith("vit-run-")
+    info = jobs.wait_for_job(ray_head.address, job_id, timeout=120, poll_s=0.5)
+    assert info.status == "SUCCEEDED", info.message
+    assert info.terminal and info.succeeded and info.exit_code == 0
+    assert info.start_time is not None and info.end_time is not None and info.end_time >= info.start_time
+    assert info.metadata["submitted_with"] == "vit submit" and info.metadata["config"] == "(built-in default)"
+
+    logs = jobs.job_logs(ray_head.address, job_id)
+    line = next(line for line in logs.splitlines() if line.startswith(f"hello from vit {marker}"))
+    _, _, _, _, module_file, python = line.split()
+    assert not module_file.startswith(str(REPO))  # the job imported the uploaded copy, not this checkout
+    assert python.startswith(str(VENV_BIN))  # and ran with this venv's python
+
+    assert job_id in [job.job_id for job in jobs.list_jobs(ray_head.address)]
+    code_, output = _cli("list", "--address", ray_head.address)
+    assert code_ == 0 and job_id in output and "SUCCEEDED" in output
+    code_, output = _cli("status", job_id, "--address", ray_head.address)
+    assert code_ == 0 and re.search(r"status\s+SUCCEEDED", output), output
+    code_, output = _cli("logs", job_id, "--address", ray_head.address)
+    assert code_ == 0 and f"hello from vit {marker}" in output
+
+
+@pytest.mark.distributed
+def test_the_working_dir_the_config_text_and_the_endpoints_reach_the_job(ray_head, tmp_path, monkeypatch):
+    (tmp_path / "data.txt").write_text("shipped with the job\n")
+    config = tmp_path / "tiny.yaml"
+    config.write_text("train:\n  steps: 3\nname: from-the-config\n")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9/mlflow")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret-do-not-ship")  # set after the cluster started: only a leak
+    script = (
+        "import os; print(open('data.txt').read().strip()); print(os.environ['VIT_PIPELINE_YAML']);"
+        " names = ('MLFLOW_TRACKING_URI', 'VIT_EXTRA', 'AWS_SECRET_ACCESS_KEY');"
+        " [print(k, os.environ.get(k, 'absent')) for k in names]"
+    )
+    code, output = _cli(
+        "submit",
+        str(config),
+        "train.steps=4",
+        "--address",
+        ray_head.address,
+        "--working-dir",
+        str(tmp_path),
+        "--env",
+        "VIT_EXTRA=42",
+        "--entrypoint",
+        f'python -c "{script}"',
+        "--follow",
+    )
+    assert code == 0, output
+    assert re.search(r"submitted (vit-run-\S+) to " + re.escape(ray_head.address), output)
+    assert "vit jobs logs vit-run-" in output and "--follow" in output  # how to watch it
+    assert "shipped with the job" in output
+    assert config.read_text() in output
+    assert "MLFLOW_TRACKING_URI http://127.0.0.1:9/mlflow" in output and "VIT_EXTRA 42" in output
+    assert "secret-do-not-ship" not in output
+    assert "SUCCEEDED" in output
+
+
+@pytest.mark.distributed
+def test_a_failing_job_reports_failed_and_submit_follow_exits_nonzero(ray_head, tmp_path):
+    job_id = f"vit-test-fail-{uuid.uuid4().hex[:6]}"
+    code, output = _cli(
+        "submit",
+        "--address",
+        ray_head.address,
+        "--working-dir",
+        str(tmp_path),
+        "--job-id",
+        job_id,
+        "--entrypoint",
+        "python -c 'import sys; print(\"boom\"); sys.exit(3)'",
+        "--follow",
+    )
+    assert code == 1, output
+    assert "boom" in output and f"job {job_id} FAILED" in output
+    info = jobs.job_status(ray_head.address, job_id)
+    assert info.status == "FAILED" and info.exit_code == 3
+    code, output = _cli("status", job_id, "--address", ray_head.address)
+    assert code == 0 and "FAILED" in output and re.search(r"exit code\s+3", output), output
+
+
+@pytest.mark.distributed
+def test_stop_stops_a_sleeping_job(ray_head, tmp_path):
+    job_id = jobs.submit_pipeline(None, address=ray_head.address, working_dir=str(tmp_path), entrypoint="sleep 300")
+    _wait_until_running(ray_head.address, job_id)
+    code, output = _cli("stop", job_id, "--address", ray_head.address)
+    assert code == 0 and f"job {job_id} STOPPED" in output, output
+    assert jobs.job_status(ray_head.address, job_id).status == "STOPPED"
+    assert jobs.stop_job(ray_head.address, job_id) is False  # nothing left to stop
+
+
+@pytest.mark.distributed
+def test_an_unknown_job_id_and_a_port_that_is_no_dashboard_are_clear_errors(ray_head):
+    for command in (["status"], ["logs"], ["logs", "--follow"], ["stop"]):
+        code, output = _cli(command[0], "no-such-job", *command[1:], "--address", ray_head.address)
+        _assert_user_error(code, output, "no job 'no-such-job'", ray_head.address)
+    with pytest.raises(JobsError, match="no job 'no-such-job'"):
+        jobs.job_status(ray_head.address, "no-such-job")
+
+    wrong = f"http://127.0.0.1:{ray_head.gcs_port}"  # alive, but Ray's GCS (gRPC), not the dashboard
+    code, output = _cli("list", "--address", wrong)
+    _assert_user_error(code, output, wrong, "8265")
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_submit_runs_the_pipeline(ray_head, mlflow_uri, tmp_path):
+    """The real entrypoint: `vit run env:VIT_PIPELINE_YAML` with the local demo config at toy size (the settings of
+    test_workflow.py), on the cluster's Ray, tracked on the session's MLflow server (MLFLOW_TRACKING_URI is forwarded
+    to the job). The config goes as text; the job's working dir is an uploaded copy of this checkout."""
+    config = REPO / "configs" / "local.yaml"  # PipelineConfig's own defaults are paper-sized (B/16, batch 4096)
+    overrides = [
+        "pretrain_data.synth.images=300",
+        "pretrain.steps=6",
+        "pretrain.optim.warmup_steps=2",
+        "pretrain.checkpoint_every=3",
+        "finetune.steps=6",
+        "finetune.optim.warmup_steps=2",
+        "evaluate.shots=[1,5]",
+        f"workdir={tmp_path / 'work'}",
+        "tracking.experiment=submitted",
+        "register.model_name=submitted-model",
+    ]
+    job_id = jobs.submit_pipeline(str(config), overrides, address=ray_head.address, working_dir=str(REPO))
+    info = jobs.wait_for_job(ray_head.address, job_id, timeout=600, poll_s=2.0)
+    logs = jobs.job_logs(ray_head.address, job_id)
+    assert info.status == "SUCCEEDED", logs[-3000:]
+    assert info.entrypoint.startswith("python -m pipelines.cli run env:VIT_PIPELINE_YAML ")
+    assert shlex.split(info.entrypoint)[5:] == overrides
+    assert "pipeline run" in logs
+    # What the job left on the tracking server: the pipeline's run with its steps, and a champion to load.
+    import mlflow
+
+    client = mlflow.MlflowClient(mlflow_uri)
+    parent_id = re.search(r"pipeline run (\w+)", logs)[1]
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["vit.workdir"] == str(tmp_path / "work")
+    children = client.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+    assert {r.data.tags["vit.step"] for r in children} == {
+        "corpus",
+        "shard",
+        "pretrain",
+        "finetune",
+        "evaluate",
+        "register",
+    }
+    champion = client.get_model_version_by_alias("submitted-model", "champion")
+    assert champion.run_id in {r.info.run_id for r in children if r.data.tags["vit.step"] == "finetune"}
