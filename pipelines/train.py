@@ -365,6 +365,10 @@ def _start_tracked_run(tracker: Tracker, cfg: TrainConfig, plan: _Plan, parent_r
     tracker.log_params(run_id, {k: v for k, v in plan.config.items() if k != "tracking"})
     tracker.log_params(run_id, {"plan.total_steps": plan.total_steps, "plan.num_classes": plan.num_classes})
     tracker.log_dataset(run_id, shards, context="training", digest=digest, name=dataset)
+    info = read_info(shards, cfg.data.storage_options)
+    splits = {name: split.get("num_samples") for name, split in info.get("splits", {}).items()}
+    lineage = {"shards": shards, "fingerprint": digest, "num_classes": info.get("num_classes"), "splits": splits}
+    tracker.log_dict(run_id, lineage, "shards.json")
     return run_id
 
 

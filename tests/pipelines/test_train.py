@@ -96,7 +96,7 @@ def test_pretraining_is_an_mlflow_run_with_every_step_lineage_and_artifacts(ddp_
     (dataset_input,) = run.inputs.dataset_inputs
     assert dataset_input.dataset.source_type == "local" and synth_shards in dataset_input.dataset.source
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "training_curves.png", "checkpoint"} <= artifacts
+    assert {"config.yaml", "training_curves.png", "checkpoint", "shards.json"} <= artifacts
     local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="checkpoint/model.safetensors")
     assert weights(local).keys() == weights(result.model_path).keys()
 

@@ -167,3 +167,29 @@ def test_a_killed_pipeline_resumes_where_it_stopped(mlflow_uri, tmp_path):
     assert len(run) == 1 and run[0].info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(run[0].info.run_id, "train/loss")]
     assert sorted(steps) == list(range(1, 31))  # every step once: the resumed attempt skips what was logged
+
+
+def test_the_pipeline_runs_with_its_workdir_on_s3(s3_bucket, s3_storage_options, tmp_path):
+    """Corpora, shards, checkpoints and the steps' state all on S3 (moto), through the same code; the
+    finished pipeline is found again there and skipped."""
+    import s3fs
+
+    from pipelines.config import load_config
+    from pipelines.workflow import LOCAL_CONFIG, PipelineConfig, run_pipeline
+
+    workdir = f"{s3_bucket}/work"
+    overrides = [*TINY, "pretrain_data.synth.images=200", f"workdir={workdir}", "tracking.experiment=wf-s3"]
+    overrides += ["register.model_name=wf-s3", "pretrain.data.loader_workers=0", "finetune.data.loader_workers=0"]
+    cfg = load_config(PipelineConfig, LOCAL_CONFIG, overrides)
+    cfg.storage_options = s3_storage_options
+    messages: list[str] = []
+    result = run_pipeline(cfg, log=messages.append)
+    assert result.ran == ["corpus", "shard", "pretrain", "finetune", "evaluate", "register"], messages
+    fs = s3fs.S3FileSystem(**s3_storage_options)
+    fs.invalidate_cache()
+    checkpoint = result.outputs["finetune"]["checkpoint"]
+    assert checkpoint.startswith(workdir) and fs.exists(checkpoint.removeprefix("s3://") + "/model.safetensors")
+    assert fs.exists(f"{workdir.removeprefix('s3://')}/pipeline/register.json")
+    assert result.outputs["register"]["version"] == "1"
+    again = run_pipeline(cfg, log=messages.append)
+    assert again.ran == [] and len(again.cached) == 6
