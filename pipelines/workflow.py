@@ -129,12 +129,23 @@ def _check(cfg: PipelineConfig) -> None:
     import vit
 
     for section in ("pretrain", "finetune"):
-        model = getattr(getattr(cfg, section), "model", None) if getattr(cfg, section) is not None else None
-        if model is not None:
+        train = getattr(cfg, section)
+        if train is None:
+            continue
+        if train.model is not None:
             try:
-                vit.model_config(model)
+                vit.model_config(train.model)
             except ValueError as err:
                 raise ConfigError(f"{section}.model: {err}") from None
+        workers = train.scale.num_workers
+        if train.batch_size % workers:
+            raise ConfigError(f"{section}.batch_size: {train.batch_size} does not split evenly over {workers} workers")
+        per_worker = train.batch_size // workers
+        if train.micro_batch_size and per_worker % train.micro_batch_size:
+            raise ConfigError(
+                f"{section}.micro_batch_size: {train.micro_batch_size} does not divide the {per_worker} images "
+                "per worker and step"
+            )
     if cfg.pretrain is None and not cfg.finetune.init_from:
         raise ConfigError("finetune.init_from: with no pretrain step, fine-tuning needs weights to start from")
     for section in ("pretrain_data", "finetune_data"):

@@ -25,6 +25,9 @@ def test_run_rejects_bad_settings_and_steps_by_name(tmp_path):
     assert "pretrain.optim.lr" in result.stderr and "Traceback" not in result.stderr
     result = run("run", "pretrain.model=Q/16", f"workdir={tmp_path}")
     assert result.returncode == 2 and "pretrain.model" in result.stderr and "unknown model" in result.stderr
+    result = run("run", "finetune.batch_size=129", f"workdir={tmp_path}")  # checked before minutes of sharding
+    assert result.returncode == 2 and "finetune.batch_size: 129 does not split evenly" in result.stderr
+    assert not (tmp_path / "corpus").exists()
     result = run("run", "--from", "deploy", f"workdir={tmp_path}")
     assert result.returncode == 2 and "--from: no step 'deploy'" in result.stderr
     result = run("run", str(tmp_path / "missing.yaml"))
