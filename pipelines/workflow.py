@@ -262,6 +262,12 @@ class _Runner:
             datasets = {"pretrain": self.cfg.pretrain_data, **datasets}
         return datasets
 
+    def _data_options(self, which: str) -> dict:
+        """fsspec options for a dataset's corpus and shards: its own, else the workdir's (where they go by default).
+        Always passed on explicitly: Ray workers may not share the driver's environment (credentials, endpoints)."""
+        data = self.cfg.pretrain_data if which == "pretrain" else self.cfg.finetune_data
+        return data.storage_options or self.cfg.storage_options
+
     def _shards_name(self, which: str) -> str:
         """A dataset's shards are named after its source (MLflow shows the name), unless both share one."""
         names = {w: posixpath.basename(d.source.rstrip("/")) or w for w, d in self._datasets().items()}
@@ -314,7 +320,9 @@ class _Runner:
         for key in ("run_dir", "shards_pretrain", "shards_finetune"):
             location = outputs.get(key)
             if location:
-                fs, path = fsspec.core.url_to_fs(location, **self.cfg.storage_options)
+                which = key.removeprefix("shards_")
+                options = self.cfg.storage_options if key == "run_dir" else self._data_options(which)
+                fs, path = fsspec.core.url_to_fs(location, **options)
                 if not fs.exists(path):
                     return False
         return True
@@ -389,7 +397,7 @@ class _Runner:
             made = data.source in ("synth", "digits")
             source = self.outputs["corpus"].get(f"corpus_{which}") if made else data.source
             dst = data.shards or self.path("shards", self._shards_name(which))
-            options = data.storage_options or self.cfg.storage_options
+            options = self._data_options(which)
             if source:
                 self.log(f"{label}: sharding {source} with Ray Data")
                 shard_cfg = ShardConfig(
@@ -414,7 +422,7 @@ class _Runner:
     def _step_pretrain(self, label: str, attempt: str, inputs: dict) -> dict:
         cfg = dataclasses.replace(self.cfg.pretrain)
         cfg.data = dataclasses.replace(cfg.data, shards=self.outputs["shard"]["shards_pretrain"])
-        cfg.data.storage_options = cfg.data.storage_options or self.cfg.pretrain_data.storage_options
+        cfg.data.storage_options = cfg.data.storage_options or self._data_options("pretrain")
         cfg.storage_path, cfg.name, cfg.tracking = self.path("runs"), f"pretrain-{attempt}", self.cfg.tracking
         cfg.storage_options = cfg.storage_options or self.cfg.storage_options
         self.log(f"{label}: ViT-{cfg.model} on the pretraining shards, {cfg.scale.num_workers} Ray Train workers")
@@ -433,7 +441,7 @@ class _Runner:
     def _step_finetune(self, label: str, attempt: str, inputs: dict) -> dict:
         cfg = dataclasses.replace(self.cfg.finetune)
         cfg.data = dataclasses.replace(cfg.data, shards=self.outputs["shard"]["shards_finetune"])
-        cfg.data.storage_options = cfg.data.storage_options or self.cfg.finetune_data.storage_options
+        cfg.data.storage_options = cfg.data.storage_options or self._data_options("finetune")
         cfg.storage_path, cfg.name, cfg.tracking = self.path("runs"), f"finetune-{attempt}", self.cfg.tracking
         cfg.storage_options = cfg.storage_options or self.cfg.storage_options
         pretrained = self.outputs.get("pretrain", {})
@@ -464,7 +472,7 @@ class _Runner:
             resize_size=tuned.get("resize_size"),
             batch_size=ev.batch_size,
             loader_workers=ev.loader_workers,
-            storage_options=self.cfg.finetune_data.storage_options or self.cfg.storage_options,
+            storage_options=self._data_options("finetune"),
             tracking=self.cfg.tracking,
         )
         tags = {"vit.finetune_run_id": tuned["mlflow_run_id"]} if tuned.get("mlflow_run_id") else {}
@@ -486,7 +494,7 @@ class _Runner:
         run_id = tuned["mlflow_run_id"]
         metrics = self.outputs["evaluate"]["metrics"]
         shards = self.outputs["shard"]["shards_finetune"]
-        options = self.cfg.finetune_data.storage_options or self.cfg.storage_options
+        options = self._data_options("finetune")
         mlflow.set_tracking_uri(self.tracker.uri)
         # The evaluation's figures go onto the run that made the model: the registry compares runs by them.
         self.tracker.log_metrics(run_id, {k: v for k, v in metrics.items() if k != "eval/seconds"})
