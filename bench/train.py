@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -313,7 +314,9 @@ def worker_data(shards_dir: str, opts: dict) -> dict:
         parallel_other = cpu.other_cores()
 
         cpu = CpuWindow()
-        rate, images = time_batches(make_loader(spec, workers=procs), opts["skip"], opts["batches"])
+        # as the training loop uses it: batches consumed one at a time, their buffers recycled
+        recycled = dataclasses.replace(spec, recycle_batches=True)
+        rate, images = time_batches(make_loader(recycled, workers=procs), opts["skip"], opts["batches"])
         passes.append(
             {
                 "ceiling_single": single,

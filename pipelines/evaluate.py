@@ -187,6 +187,7 @@ def _batches(shards: ShardSet, cfg: EvaluateConfig, image_size: int) -> Iterator
         batch_size=cfg.batch_size,
         shuffle_block=1,
         repeat=False,
+        recycle_batches=True,  # normalised into a new tensor right away
     )
     for images, targets, _ in make_loader(spec, workers=cfg.loader_workers):
         yield normalize(images), targets

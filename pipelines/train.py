@@ -512,6 +512,7 @@ class _Loop:
             shuffle_block=cfg.data.shuffle_block if train else 1,
             repeat=train,
             start_batch=start_batch,
+            recycle_batches=True,  # each batch is normalised into a new tensor before the next is asked for
         )
         return make_loader(spec, workers=cfg.data.loader_workers, pin_memory=self.device.type == "cuda")
 

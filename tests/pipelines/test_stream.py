@@ -108,6 +108,24 @@ def test_a_resumed_stream_continues_with_the_same_batches(tmp_path, workers):
             assert torch.equal(a_img, b_img) and torch.equal(a_tgt, b_tgt)
 
 
+def test_recycled_batch_buffers_hold_the_same_batches_for_a_consumer_that_uses_each_at_once(tmp_path):
+    """A training step is done with its batch before it asks for the next: the ring of shared-memory buffers
+    (PREFETCH_FACTOR + 2 per worker) must then never overwrite a batch before its turn, over several laps. A
+    consumer that keeps batches sees them overwritten: that is why only such loops opt in."""
+    shards = open_shards(str(write_shards(tmp_path / "s", {"train": [7, 9, 6, 8]})), "train")
+    spec = _spec(shards, seed=1, shuffle_block=4)
+    kept = list(islice(make_loader(spec, workers=2), 40))  # fresh buffers: keeping them is safe
+    recycled = StreamSpec(**{**spec.__dict__, "recycle_batches": True})
+    used_at_once = []
+    for img, tgt, _ in islice(make_loader(recycled, workers=2), 40):
+        used_at_once.append((img.clone(), tgt.clone()))
+    for (a_img, a_tgt, _), (b_img, b_tgt) in zip(kept, used_at_once, strict=True):
+        assert torch.equal(a_img, b_img) and torch.equal(a_tgt, b_tgt)
+    kept_recycled = [img for img, _, _ in islice(make_loader(recycled, workers=2), 40)]
+    overwritten = sum(not torch.equal(a, b) for (a, _, _), b in zip(kept, kept_recycled, strict=True))
+    assert overwritten > 0  # the buffers really are reused
+
+
 def test_epochs_and_seeds_change_the_order(tmp_path):
     shards = open_shards(str(write_shards(tmp_path / "s", {"train": [10, 10, 10]})), "train")
 
