@@ -8,9 +8,9 @@ passed over by the sample counts in the shards' ``_info.json``, and inside a sha
 are read, never decoded.
 
 Why this and not Ray Data (``read_webdataset`` + ``get_dataset_shard``), measured by
-``bench/train.py`` on 2 cores (Inception crop at 224, batches of 32): this loader delivers 90% of
-the decode+augment ceiling of the same two processes (medians 89.7% and 90.6% over two runs, with
-recycled batch buffers; 76% without), Ray Data's stock pipeline 23-40%. Beyond speed,
+``bench/train.py`` on 2 cores (Inception crop at 224, batches of 32): this loader delivers 87-91% of
+the decode+augment ceiling of the same two processes (medians of three runs: 90.6%, 89.7%, and 86.8%
+over 12 passes; 76% before batch buffers were recycled), Ray Data's stock pipeline 23-40%. Beyond speed,
 Ray Data's streaming split has no resumable position (a restarted run would re-read an epoch from
 the start or skip what it never trained on), it reserves CPUs of its own beside the training
 workers (on small machines the two deadlock on the CPU budget), and it moves every sample through
