@@ -419,12 +419,17 @@ class _Runner:
         self._child_run("shard", "shard the corpora", inputs, metrics, description="Corpora into WebDataset shards.")
         return outputs
 
-    def _step_pretrain(self, label: str, attempt: str, inputs: dict) -> dict:
-        cfg = dataclasses.replace(self.cfg.pretrain)
-        cfg.data = dataclasses.replace(cfg.data, shards=self.outputs["shard"]["shards_pretrain"])
-        cfg.data.storage_options = cfg.data.storage_options or self._data_options("pretrain")
-        cfg.storage_path, cfg.name, cfg.tracking = self.path("runs"), f"pretrain-{attempt}", self.cfg.tracking
+    def _training_config(self, which: str, attempt: str):
+        """The pipeline's ``pretrain`` or ``finetune`` section, pointed at its shards and at the pipeline's runs."""
+        cfg = dataclasses.replace(getattr(self.cfg, which))
+        cfg.data = dataclasses.replace(cfg.data, shards=self.outputs["shard"][f"shards_{which}"])
+        cfg.data.storage_options = cfg.data.storage_options or self._data_options(which)
+        cfg.storage_path, cfg.name, cfg.tracking = self.path("runs"), f"{which}-{attempt}", self.cfg.tracking
         cfg.storage_options = cfg.storage_options or self.cfg.storage_options
+        return cfg
+
+    def _step_pretrain(self, label: str, attempt: str, inputs: dict) -> dict:
+        cfg = self._training_config("pretrain", attempt)
         self.log(f"{label}: ViT-{cfg.model} on the pretraining shards, {cfg.scale.num_workers} Ray Train workers")
         _init_ray()
         result = run_training(cfg, log=self._indent, parent_run_id=self.parent_id)
@@ -439,11 +444,7 @@ class _Runner:
         }
 
     def _step_finetune(self, label: str, attempt: str, inputs: dict) -> dict:
-        cfg = dataclasses.replace(self.cfg.finetune)
-        cfg.data = dataclasses.replace(cfg.data, shards=self.outputs["shard"]["shards_finetune"])
-        cfg.data.storage_options = cfg.data.storage_options or self._data_options("finetune")
-        cfg.storage_path, cfg.name, cfg.tracking = self.path("runs"), f"finetune-{attempt}", self.cfg.tracking
-        cfg.storage_options = cfg.storage_options or self.cfg.storage_options
+        cfg = self._training_config("finetune", attempt)
         pretrained = self.outputs.get("pretrain", {})
         cfg.init_from = pretrained.get("checkpoint") or cfg.init_from
         tags = {"vit.pretrain_run_id": pretrained["mlflow_run_id"]} if pretrained.get("mlflow_run_id") else {}
