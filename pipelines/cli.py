@@ -246,20 +246,9 @@ def _parse_bytes(text: str) -> int:
 
 
 def _init_ray(address: str | None, log_to_driver: bool = False) -> None:
-    import ray
+    from pipelines.workflow import init_ray
 
-    address = address or os.environ.get("RAY_ADDRESS")  # set inside a Ray Job: run on that cluster
-    if address:
-        ray.init(address=address, log_to_driver=log_to_driver)
-    else:
-        # "local": a Ray of our own, never one that happens to run on this machine (ray.init() would join it).
-        # More logical CPUs than cores: the job's operators reserve CPUs and must not starve each other.
-        ray.init(
-            address="local",
-            num_cpus=max(4, os.cpu_count() or 1),
-            include_dashboard=False,
-            log_to_driver=log_to_driver,
-        )
+    init_ray(address, log_to_driver=log_to_driver)
 
 
 def _train_command(recipe: str, config_path: str | None, overrides: tuple[str, ...], address: str | None) -> None:

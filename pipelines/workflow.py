@@ -158,19 +158,28 @@ def _check(cfg: PipelineConfig) -> None:
         raise ConfigError("register.model_name: the registered model needs a name")
 
 
-def _init_ray() -> None:
-    """Started by the first step that needs Ray: a pipeline whose steps are all cached needs none."""
-    import logging
-
+def init_ray(address: str | None = None, *, log_to_driver: bool = False) -> None:
+    """Join ``address``, or ``RAY_ADDRESS`` (set inside a Ray Job), else start a Ray of our own: never one that
+    happens to run on this machine, which a bare ``ray.init()`` would join. More logical CPUs than cores: a
+    job's operators reserve CPUs and must not starve each other."""
     import ray
 
     if ray.is_initialized():
         return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=log_to_driver)
+    else:
+        cpus = max(4, os.cpu_count() or 1)
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=log_to_driver)
+
+
+def _init_ray() -> None:
+    """Started by the first step that needs Ray: a pipeline whose steps are all cached needs none."""
+    import logging
+
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # per-operator progress: the step reports its own
-    if os.environ.get("RAY_ADDRESS"):  # inside a Ray Job, or pointed at a cluster: run there
-        ray.init(log_to_driver=False)
-    else:  # a Ray of our own, never one that happens to run on this machine
-        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+    init_ray()
 
 
 class _Runner:
