@@ -1,19 +1,22 @@
-"""Corpus -> WebDataset shards, as a Ray Data job.
+"""Corpus -> WebDataset shards, as Ray Data jobs. Nothing per image is held on the driver.
 
-    index   one row per input sample: key, where its bytes are (a file, or a byte range of a tar),
-            its labels and its split. Folder trees and tars are listed; label tables are read.
-    assign  shard = hash(seed, key) mod n_shards, order inside a shard by a second hash: a
-            deterministic global shuffle with no sort, every shard a uniform random sample, and
-            all copies of a key in the same shard (so duplicates are caught where they meet).
-    write   per shard (groupby split, shard): read the bytes, normalise or reject each image,
-            drop near-duplicates of the evaluation sets, stream the tar to a temporary name,
-            rename it into place, then write a done-marker with its manifest row and rejects.
+    index   Ray Data tasks list the corpus a unit at a time (a class folder, a row group of the label
+            table, a tar): one row per input sample with its key, where its bytes are (a file, or a
+            byte range of a tar), its labels, its split, and ``order``, a seeded hash of the key.
+    plan    a global shuffle with no global sort: the top bits of ``order`` cut the rows into
+            buckets (one groupby), each sorted, cleared of repeated keys and stored as parquet by
+            one task. Running sums of the per-bucket counts rank every row in its split, and shard i
+            holds ranks [i * n, (i + 1) * n): every shard a uniform random sample, deterministic.
+    write   per shard: read its rows from the buckets that cover them, read the bytes, normalise or
+            reject each image, drop near-duplicates of the evaluation sets, stream the tar to a
+            temporary name, rename it into place, then write a done-marker with its manifest row
+            and rejects.
     finish  merge markers into manifest.parquet, rejects.parquet, _info.json (timm's format),
             classes.json and summary.json.
 
-A rerun skips every shard whose marker exists, so a run killed at any point finishes without
-duplicates or losses, and a finished run does nothing. Counts always balance:
-read = written + rejected.
+The plan is stored before any shard is written and a rerun skips every shard whose marker exists,
+so a run killed at any point finishes without duplicates or losses, and a finished run does
+nothing. Counts always balance: read = written + rejected.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import math
 import posixpath
 import re
 import tarfile
@@ -150,19 +154,32 @@ def _shard_name(split: str, index: int) -> str:
 
 
 # ------------------------------------------------------------------------------------ index
+#
+# The index is a Ray Data dataset, never a table on the driver: listing units (a class folder, a row
+# group of the label table, a tar) are indexed by tasks, and each row carries its listing position
+# (``seq``) and its place in the global shuffle (``order``, a seeded hash of the key).
 
 
 INDEX_SCHEMA = pa.schema(
     [
         ("key", pa.string()),
         ("path", pa.string()),  # full path inside the filesystem
-        ("offset", pa.int64()),  # -1: the whole file; else the byte range [offset, offset + length)
+        (
+            "offset",
+            pa.int64(),
+        ),  # -1: the whole file; -2: no image at all; else the byte range [offset, offset + length)
         ("length", pa.int64()),
         ("labels", pa.list_(pa.string())),
         ("split", pa.string()),
         ("source", pa.string()),  # where it came from, relative to SRC, for the json and the rejects
+        ("order", pa.uint64()),  # position in the global shuffle
+        ("seq", pa.int64()),  # listing order: of rows sharing a key, the first listed is kept
+        ("reason", pa.string()),  # set when the input is rejected while listing (an unreadable tar)
+        ("detail", pa.string()),
     ]
 )
+_UNIT_ROWS = 1 << 32  # seq = unit number * _UNIT_ROWS + row within the unit
+_INDEX_CHUNK = 65_536  # rows per block a listing unit yields
 
 
 def _default_label_table(fs, root: str) -> str | None:
@@ -183,33 +200,118 @@ def _detect_source(fs, root: str, cfg: ShardConfig) -> str:
     return "folder"
 
 
-def _index_folder(fs, root: str, cfg: ShardConfig) -> pa.Table:
-    """A folder per class (optionally under train/ val/ test/ folders)."""
-    listing = fs.find(root, detail=True)
-    paths = sorted(p for p, info in listing.items() if info.get("type") == "file")
-    rels = [p[len(root) + 1 :] for p in paths]
-    rels_visible = [r for r in rels if not any(part.startswith(".") for part in r.split("/"))]
-    top = {r.split("/", 1)[0] for r in rels_visible if "/" in r}
-    split_layout = bool(top) and top <= SPLIT_DIRS
-    keys, full, labels, splits = [], [], [], []
-    for rel in rels_visible:
-        parts = rel.split("/")
-        split = None
-        if split_layout and len(parts) > 1:
-            split, parts = ("val" if parts[0] in ("validation", "valid") else parts[0]), parts[1:]
-        label = parts[0] if len(parts) > 1 else None  # a file at the top has no class
-        keys.append(_key_from_path(rel))
-        full.append(f"{root}/{rel}")
-        labels.append([label] if label else [])
-        splits.append(split)
-    return _index_table(keys, full, labels, splits, rels_visible, cfg)
+def _visible(name: str) -> bool:
+    return not posixpath.basename(name.rstrip("/")).startswith(".")
 
 
-def _index_table(keys, paths, labels, splits, sources, cfg: ShardConfig, offsets=None, lengths=None) -> pa.Table:
+def _listing_units(kind: str, fs, root: str, cfg: ShardConfig) -> list[dict]:
+    """The units the index is built from, listed on the driver: one per class folder, label-table
+    row group, or tar; a few thousand even for a JFT-sized corpus."""
+    if kind == "folder":
+        if not fs.isdir(root):
+            raise ShardError(f"{cfg.src} is not a folder")
+        return _folder_units(fs, root)
+    if kind == "table":
+        url = _label_table_url(fs, root, cfg)
+        return [{"kind": "table", "path": url, "row_group": g} for g in _table_row_groups(fs, url, cfg)]
+    if kind == "tars":
+        tars = [root] if fs.isfile(root) else sorted(p for p in fs.find(root) if p.endswith(".tar"))
+        if not tars:
+            raise ShardError(f"no .tar files in {cfg.src}")
+        return [{"kind": "tar", "path": p} for p in tars]
+    raise ShardError(f"unknown source kind {kind!r}; expected folder, table or tars")
+
+
+def _folder_units(fs, root: str) -> list[dict]:
+    """A folder per class, optionally under train/ val/ test/ folders; files outside any class
+    folder are listed too (and rejected for having no labels)."""
+    entries = sorted((e["name"].rstrip("/"), e["type"]) for e in fs.ls(root, detail=True) if _visible(e["name"]))
+    dirs = [p for p, t in entries if t == "directory"]
+    names = {posixpath.basename(p) for p in dirs}
+    if names and names <= SPLIT_DIRS:
+        units = [{"kind": "files", "paths": [p for p, t in entries if t != "directory"], "split": None}]
+        for split_dir in dirs:
+            name = posixpath.basename(split_dir)
+            split = "val" if name in ("validation", "valid") else name
+            inner = sorted((e["name"].rstrip("/"), e["type"]) for e in fs.ls(split_dir, detail=True))
+            inner = [(p, t) for p, t in inner if _visible(p)]
+            units.append({"kind": "files", "paths": [p for p, t in inner if t != "directory"], "split": split})
+            units += [{"kind": "dir", "path": p, "split": split} for p, t in inner if t == "directory"]
+    else:
+        units = [{"kind": "files", "paths": [p for p, t in entries if t != "directory"], "split": None}]
+        units += [{"kind": "dir", "path": p, "split": None} for p in dirs]
+    return [u for u in units if u["kind"] == "dir" or u["paths"]]
+
+
+def _label_table_url(fs, root: str, cfg: ShardConfig) -> str:
+    if cfg.labels is None:
+        url = _default_label_table(fs, root)
+        if url is None:
+            raise ShardError(f"no label table in {root} (labels.parquet, labels.csv or labels.jsonl); pass labels=")
+        return url
+    return _fs(cfg.labels, cfg.storage_options)[1]
+
+
+def _table_row_groups(fs, url: str, cfg: ShardConfig) -> list[int | None]:
+    """Checks the table's columns up front; parquet tables are indexed a row group per task."""
+    import pyarrow.csv as pcsv
+    import pyarrow.json as pjson
+    import pyarrow.parquet as pq
+
+    if not fs.exists(url):
+        raise ShardError(f"label table {url} does not exist")
+    with fs.open(url, "rb") as f:
+        if url.endswith(".parquet"):
+            meta = pq.ParquetFile(f).metadata
+            columns, groups = meta.schema.to_arrow_schema().names, list(range(meta.num_row_groups))
+        elif url.endswith(".csv"):
+            columns, groups = pcsv.open_csv(f).schema.names, [None]
+        else:
+            columns, groups = pjson.open_json(f).schema.names, [None]
+    split_column = cfg.split_column
+    for column in (cfg.path_column, cfg.label_column, cfg.key_column, split_column):
+        if column and column not in columns:
+            raise ShardError(f"label table {url} has no column {column!r} (columns: {columns})")
+    return groups
+
+
+def _index_unit(batch: pa.Table, cfg: ShardConfig, root: str, classes: list[str] | None) -> Iterator[pa.Table]:
+    """Ray Data task: the index rows of one listing unit, in blocks of at most ``_INDEX_CHUNK`` rows."""
+    unit, spec = int(batch.column("unit")[0].as_py()), json.loads(batch.column("spec")[0].as_py())
+    fs, _ = _fs(cfg.src, cfg.storage_options)
+    first = unit * _UNIT_ROWS
+    if spec["kind"] == "table":
+        for table in _table_chunks(fs, spec["path"], spec["row_group"]):
+            yield _label_table_rows(table, spec["path"], cfg, classes, first)
+            first += table.num_rows
+        return
+    if spec["kind"] == "tar":
+        yield _scan_tar(spec["path"] if "://" not in cfg.src else _url(cfg.src, spec["path"]), root, cfg, first)
+        return
+    if spec["kind"] == "dir":
+        paths = sorted(fs.find(spec["path"]))
+        paths = [p for p in paths if all(_visible(part) for part in p[len(root) + 1 :].split("/"))]
+    else:
+        paths = spec["paths"]
+    split = spec["split"]
+    for start in range(0, len(paths), _INDEX_CHUNK):
+        chunk = paths[start : start + _INDEX_CHUNK]
+        rels = [p[len(root) + 1 :] for p in chunk]
+        # the class is the first folder below the split folder; a file outside any has none
+        depth = 1 if split else 0
+        labels = [[r.split("/")[depth]] if r.count("/") > depth else [] for r in rels]
+        keys = [_key_from_path(r) for r in rels]
+        yield _index_table(keys, chunk, labels, [split] * len(chunk), rels, cfg, first + start)
+
+
+def _index_table(
+    keys, paths, labels, splits, sources, cfg: ShardConfig, first: int, offsets=None, lengths=None, reasons=None
+) -> pa.Table:
     n = len(keys)
     if any(s is None for s in splits):
         by_hash = _hash64(cfg.seed, "split", keys).astype(np.float64) / 2.0**64 < cfg.val_fraction
         splits = [s if s is not None else ("val" if v else "train") for s, v in zip(splits, by_hash)]
+    reasons = reasons or [None] * n
     return pa.table(
         {
             "key": keys,
@@ -219,53 +321,41 @@ def _index_table(keys, paths, labels, splits, sources, cfg: ShardConfig, offsets
             "labels": labels,
             "split": splits,
             "source": sources,
+            "order": _hash64(cfg.seed, "order", keys),
+            "seq": np.arange(first, first + n, dtype=np.int64),
+            "reason": [r[0] if r else None for r in reasons],
+            "detail": [r[1] if r else None for r in reasons],
         },
         schema=INDEX_SCHEMA,
     )
 
 
-def _read_label_table(fs, url: str) -> pa.Table:
+def _table_chunks(fs, url: str, row_group: int | None) -> Iterator[pa.Table]:
     import pyarrow.csv as pcsv
     import pyarrow.json as pjson
     import pyarrow.parquet as pq
 
     with fs.open(url, "rb") as f:
         if url.endswith(".parquet"):
-            return pq.read_table(f)
-        if url.endswith(".csv"):
-            return pcsv.read_csv(f)
-        return pjson.read_json(f)
+            yield pq.ParquetFile(f).read_row_group(row_group)
+            return
+        reader = pcsv.open_csv(f) if url.endswith(".csv") else pjson.open_json(f)
+        for batch in reader:
+            yield pa.Table.from_batches([batch])
 
 
-def _index_label_table(fs, root: str, cfg: ShardConfig, classes: list[str] | None) -> pa.Table:
-    table_url = cfg.labels
-    if table_url is None:
-        table_url = _default_label_table(fs, root)
-        if table_url is None:
-            raise ShardError(f"no label table in {root} (labels.parquet, labels.csv or labels.jsonl); pass labels=")
-    else:
-        table_url = _fs(table_url, cfg.storage_options)[1]
-    table = _read_label_table(fs, table_url)
-    for column in (cfg.path_column, cfg.label_column):
-        if column not in table.column_names:
-            raise ShardError(f"label table {table_url} has no column {column!r} (columns: {table.column_names})")
-    base = posixpath.dirname(table_url)
+def _label_table_rows(table: pa.Table, url: str, cfg: ShardConfig, classes: list[str] | None, first: int) -> pa.Table:
+    base = posixpath.dirname(url)
     rels = [str(p) for p in table.column(cfg.path_column).to_pylist()]
     full = [p.split("://", 1)[-1] if "://" in p else f"{base}/{p}" for p in rels]
-    raw_labels = table.column(cfg.label_column).to_pylist()
-    labels = [_as_label_names(v, classes) for v in raw_labels]
+    labels = [_as_label_names(v, classes) for v in table.column(cfg.label_column).to_pylist()]
     if cfg.key_column:
         keys = [_KEY_UNSAFE.sub("_", str(k)) for k in table.column(cfg.key_column).to_pylist()]
     else:
         keys = [_key_from_path(r) for r in rels]
     split_column = cfg.split_column or ("split" if "split" in table.column_names else None)
-    if split_column:
-        if split_column not in table.column_names:
-            raise ShardError(f"label table {table_url} has no split column {split_column!r}")
-        splits = [str(s) for s in table.column(split_column).to_pylist()]
-    else:
-        splits = [None] * len(keys)
-    return _index_table(keys, full, labels, splits, rels, cfg)
+    splits = [str(s) for s in table.column(split_column).to_pylist()] if split_column else [None] * len(keys)
+    return _index_table(keys, full, labels, splits, rels, cfg, first)
 
 
 def _as_label_names(value: Any, classes: list[str] | None) -> list[str]:
@@ -284,9 +374,9 @@ def _as_label_names(value: Any, classes: list[str] | None) -> list[str]:
     return names
 
 
-def _scan_tar(path: str, storage_options: dict, root: str, cfg: ShardConfig) -> tuple[pa.Table, list[dict]]:
+def _scan_tar(path: str, root: str, cfg: ShardConfig, first: int) -> pa.Table:
     """Index one WebDataset tar: image members as byte ranges, labels from the json/cls members."""
-    fs, _ = _fs(path, storage_options)
+    fs, _ = _fs(path, cfg.storage_options)
     samples: dict[str, dict] = {}
     order: list[str] = []
     rel = path[len(root) + 1 :] if path.startswith(root + "/") else posixpath.basename(path)
@@ -296,9 +386,8 @@ def _scan_tar(path: str, storage_options: dict, root: str, cfg: ShardConfig) -> 
             _scan_members(tar, samples, order)
     except (tarfile.TarError, OSError, EOFError) as err:
         # Keep what was read before the damage; the rest of the tar is one reject.
-        failure = {"key": _key_from_path(rel), "source": rel, "reason": "unreadable-tar", "detail": str(err)[:500]}
-    table = _tar_rows(samples, order, path, rel, cfg)
-    return table, [failure] if failure else []
+        failure = str(err)[:500]
+    return _tar_rows(samples, order, path, rel, cfg, first, failure)
 
 
 def _scan_members(tar: tarfile.TarFile, samples: dict[str, dict], order: list[str]) -> None:
@@ -321,7 +410,9 @@ def _scan_members(tar: tarfile.TarFile, samples: dict[str, dict], order: list[st
             sample[ext] = tar.extractfile(member).read()
 
 
-def _tar_rows(samples: dict[str, dict], order: list[str], path: str, rel: str, cfg: ShardConfig) -> pa.Table:
+def _tar_rows(
+    samples: dict[str, dict], order: list[str], path: str, rel: str, cfg: ShardConfig, first: int, failure: str | None
+) -> pa.Table:
     keys, paths, offsets, lengths, labels, splits, sources = [], [], [], [], [], [], []
     for key in order:
         sample = samples[key]
@@ -344,7 +435,17 @@ def _tar_rows(samples: dict[str, dict], order: list[str], path: str, rel: str, c
         labels.append(names)
         splits.append(split)
         sources.append(f"{rel}:{key}")
-    return _index_table(keys, paths, labels, splits, sources, cfg, offsets, lengths)
+    reasons = [None] * len(keys)
+    if failure is not None:  # the unreadable rest of the tar is one reject
+        keys.append(_key_from_path(rel))
+        paths.append(path)
+        offsets.append(-2)
+        lengths.append(0)
+        labels.append([])
+        splits.append("train")
+        sources.append(rel)
+        reasons.append(("unreadable-tar", failure))
+    return _index_table(keys, paths, labels, splits, sources, cfg, first, offsets, lengths, reasons)
 
 
 # ------------------------------------------------------------------------------------ evaluation sets
@@ -452,7 +553,7 @@ def _write_member(sink, name: str, data: bytes) -> None:
 
 
 class ShardWriter:
-    """The per-shard task: called by Ray Data with one row per shard, holding that shard's index rows."""
+    """The per-shard task: called by Ray Data with one row per shard: its split, index, rank range and buckets."""
 
     def __init__(self, cfg: ShardConfig, class_ids: dict[str, int], single_label: bool, eval_index):
         self.cfg, self.class_ids, self.single_label, self.eval_index = cfg, class_ids, single_label, eval_index
@@ -462,7 +563,8 @@ class ShardWriter:
         cfg = self.cfg
         fs, dst = _fs(cfg.dst, cfg.storage_options)
         split, index = batch.column("split")[0].as_py(), int(batch.column("shard")[0].as_py())
-        rows = _from_ipc(batch.column("members")[0].as_py()).sort_by("order").to_pylist()
+        lo, hi = int(batch.column("lo")[0].as_py()), int(batch.column("hi")[0].as_py())
+        rows = _shard_members(fs, dst, split, lo, hi, json.loads(batch.column("buckets")[0].as_py()))
         name = _shard_name(split, index)
         tmp = f"{dst}/{WORK_DIR}/tmp/{name}.{uuid.uuid4().hex}"
         rejects: list[dict] = []
@@ -569,17 +671,6 @@ class ShardWriter:
         }
 
 
-def _to_ipc(table: pa.Table) -> bytes:
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    return sink.getvalue().to_pybytes()
-
-
-def _from_ipc(data: bytes) -> pa.Table:
-    return pa.ipc.open_stream(data).read_all()
-
-
 def _read_failure(err: Exception) -> tuple[str, str]:
     if isinstance(err, FileNotFoundError):
         return "missing-file", str(err)
@@ -614,6 +705,213 @@ MANIFEST_SCHEMA = pa.schema(
 )
 
 
+# ------------------------------------------------------------------------------------ plan
+#
+# A global shuffle without a global sort: ``order`` is a uniform hash, so its top bits cut the rows
+# into buckets of about equal size, each a contiguous range of the shuffled order. One Ray Data
+# groupby brings every bucket together in one task, which sorts it, drops repeated keys (the
+# copies of a key hash alike, so they meet in the same bucket) and stores it as a parquet file.
+# The driver only sees counts per bucket and split: their running sums give every row its rank
+# in its split, and shard i of a split holds ranks [i * n, (i + 1) * n), read back from the one or
+# few bucket files that cover them.
+
+PLAN_DIR = "plan"
+_BUCKET_ROWS = 8_192  # smallest bucket worth a task ...
+_MAX_BUCKETS = 4_096  # ... and at most this many, so the driver's per-bucket counts stay small
+
+
+def _bucket_bits(rows: int) -> int:
+    per_bucket = max(_BUCKET_ROWS, -(-rows // _MAX_BUCKETS))
+    return max(0, math.ceil(math.log2(max(1, rows / per_bucket))))
+
+
+def _with_bucket(batch: pa.Table, bits: int) -> pa.Table:
+    order = batch.column("order").to_numpy()
+    bucket = (order >> np.uint64(64 - bits)).astype(np.int64) if bits else np.zeros(len(order), np.int64)
+    return batch.append_column("bucket", pa.array(bucket))
+
+
+def _bucket_path(dst: str, bucket: int) -> str:
+    return f"{dst}/{WORK_DIR}/{PLAN_DIR}/bucket-{bucket:06d}.parquet"
+
+
+def _plan_bucket(rows: pa.Table, cfg: ShardConfig) -> pa.Table:
+    """Ray Data task for one bucket: shuffle order, duplicate keys out, ranks per split, to storage.
+    Returns one summary row (counts, labels seen) for the driver."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    fs, dst = _fs(cfg.dst, cfg.storage_options)
+    bucket = int(rows.column("bucket")[0].as_py())
+    listed_rejects = rows.filter(pc.is_valid(rows.column("reason")))
+    rows = rows.filter(pc.is_null(rows.column("reason")))
+    rows = rows.sort_by([("order", "ascending"), ("key", "ascending"), ("seq", "ascending")])
+    keys, sources = rows.column("key").to_pylist(), rows.column("source").to_pylist()
+    keep = np.ones(len(keys), dtype=bool)
+    rejects = [
+        {"key": k, "source": s, "reason": r, "detail": d, "split": None, "shard": None}
+        for k, s, r, d in zip(*(listed_rejects.column(c).to_pylist() for c in ("key", "source", "reason", "detail")))
+    ]
+    first = 0
+    for i in range(1, len(keys)):
+        if keys[i] == keys[first]:
+            keep[i] = False
+            detail = f"same key as {sources[first]}"
+            rejects.append({"key": keys[i], "source": sources[i], "reason": "duplicate-key", "detail": detail})
+            rejects[-1].update(split=None, shard=None)
+        else:
+            first = i
+    kept = rows.filter(pa.array(keep)).sort_by([("split", "ascending"), ("order", "ascending"), ("key", "ascending")])
+    splits = kept.column("split").to_numpy(zero_copy_only=False)
+    starts = np.flatnonzero(np.r_[True, splits[1:] != splits[:-1]]) if len(splits) else np.array([], np.int64)
+    local_rank = np.arange(len(splits)) - np.repeat(starts, np.diff(np.r_[starts, len(splits)]))
+    kept = kept.select(["key", "path", "offset", "length", "labels", "split", "source", "order"])
+    kept = kept.append_column("local_rank", pa.array(local_rank, pa.int64()))
+    with _open_for_writing(fs, _bucket_path(dst, bucket), "wb") as f:
+        pq.write_table(kept, f, row_group_size=4_096)  # small row groups: readers skip by rank statistics
+    if rejects:
+        with _open_for_writing(fs, f"{dst}/{WORK_DIR}/{PLAN_DIR}/rejects-{bucket:06d}.parquet", "wb") as f:
+            pq.write_table(pa.Table.from_pylist(rejects, schema=REJECTS_SCHEMA), f)
+    lengths = kept.column("length").to_numpy()
+    labels = kept.column("labels")
+    return pa.table(
+        {
+            "bucket": [bucket],
+            "counts": [json.dumps(dict(Counter(splits.tolist())))],
+            "rejected": [len(rejects)],
+            "labels": pa.array([pc.unique(pc.list_flatten(labels)).to_pylist()], pa.list_(pa.string())),
+            "max_labels": [int(pc.max(pc.list_value_length(labels)).as_py() or 0) if len(kept) else 0],
+            "known_bytes": [int(lengths[lengths > 0].sum())],
+            "known_count": [int((lengths > 0).sum())],
+        }
+    )
+
+
+def _make_plan(kind: str, src_fs, src: str, cfg: ShardConfig, classes_in: list[str] | None, log) -> dict:
+    """Index and bucket the corpus with Ray Data; returns what the writers and the finish need."""
+    import pyarrow.compute as pc
+    import ray.data
+    from ray.data.context import DataContext, ShuffleStrategy
+
+    dst_fs, dst = _fs(cfg.dst, cfg.storage_options)
+    if dst_fs.exists(f"{dst}/{WORK_DIR}/{PLAN_DIR}"):  # an interrupted plan: start it over
+        dst_fs.rm(f"{dst}/{WORK_DIR}/{PLAN_DIR}", recursive=True)
+    units = _listing_units(kind, src_fs, src, cfg)
+    if not units:
+        raise ShardError(f"no samples found in {cfg.src}")
+    if len(units) >= 2**31:
+        raise ShardError(f"{len(units):,} listing units is more than the index can number")
+    items = [{"unit": i, "spec": json.dumps(u)} for i, u in enumerate(units)]
+    context = DataContext.get_current()
+    saved = context.shuffle_strategy, context.enable_progress_bars
+    # the sort-based shuffle starts no aggregator actors: on a small cluster it is several times faster
+    context.shuffle_strategy, context.enable_progress_bars = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED, False
+    try:
+        index = (
+            ray.data.from_items(items, override_num_blocks=len(items))
+            .map_batches(
+                _index_unit,
+                batch_size=1,
+                batch_format="pyarrow",
+                fn_kwargs={"cfg": cfg, "root": src, "classes": classes_in},
+            )
+            .materialize()
+        )
+        listed = index.count()
+        log(f"listed {listed:,} inputs in {len(units):,} units")
+        if listed == 0:
+            raise ShardError(f"no samples found in {cfg.src}")
+        bits = _bucket_bits(listed)
+        planned = (
+            index.map_batches(_with_bucket, batch_format="pyarrow", fn_kwargs={"bits": bits})
+            .groupby("bucket")
+            .map_groups(_plan_bucket, batch_format="pyarrow", fn_kwargs={"cfg": cfg})
+        )
+        counts: dict[str, dict[int, int]] = {}
+        seen = pa.array([], pa.string())
+        rejected = max_labels = known_bytes = known_count = 0
+        for batch in planned.iter_batches(batch_format="pyarrow", batch_size=256):
+            for bucket, bucket_counts in zip(batch.column("bucket").to_pylist(), batch.column("counts").to_pylist()):
+                for split, n in json.loads(bucket_counts).items():
+                    counts.setdefault(split, {})[bucket] = n
+            seen = pc.unique(pa.concat_arrays([seen, *pc.list_flatten(batch.column("labels")).chunks]))
+            rejected += pc.sum(batch.column("rejected")).as_py()
+            max_labels = max(max_labels, pc.max(batch.column("max_labels")).as_py())
+            known_bytes += pc.sum(batch.column("known_bytes")).as_py()
+            known_count += pc.sum(batch.column("known_count")).as_py()
+        del index
+    finally:
+        context.shuffle_strategy, context.enable_progress_bars = saved
+    classes = _class_list(classes_in, sorted(seen.to_pylist()))
+    sizes = {split: sum(per_bucket.values()) for split, per_bucket in counts.items()}
+    if cfg.shard_samples:
+        samples_per_shard = cfg.shard_samples
+    else:
+        mean = known_bytes / known_count if known_count else _mean_file_size(dst_fs, dst, src_fs, counts)
+        samples_per_shard = max(1, int(cfg.shard_bytes // (mean + 1536)))  # + tar headers and the json sidecar
+    buckets = {}
+    for split, per_bucket in counts.items():
+        start, ranges = 0, []
+        for bucket in sorted(per_bucket):
+            ranges.append([bucket, start, per_bucket[bucket]])
+            start += per_bucket[bucket]
+        buckets[split] = ranges
+    return {
+        "read": sum(sizes.values()) + rejected,
+        "classes": classes,
+        "single_label": max_labels <= 1,
+        "samples_per_shard": samples_per_shard,
+        "sizes": sizes,
+        "num_shards": {split: -(-n // samples_per_shard) for split, n in sizes.items()},
+        "buckets": buckets,
+    }
+
+
+def _mean_file_size(dst_fs, dst: str, src_fs, counts: dict[str, dict[int, int]]) -> float:
+    """Mean input size from up to 256 files of the first bucket (a uniform sample: buckets are hash ranges)."""
+    import pyarrow.parquet as pq
+
+    if not counts:
+        return 100_000.0
+    bucket = min(b for per_bucket in counts.values() for b in per_bucket)
+    with dst_fs.open(_bucket_path(dst, bucket), "rb") as f:
+        paths = pq.read_table(f, columns=["path"]).column("path").to_pylist()[:256]
+    sizes = [src_fs.size(p) for p in paths if src_fs.exists(p)]
+    return float(np.mean(sizes)) if sizes else 100_000.0
+
+
+def _shard_work(plan: dict, done: set[tuple[str, int]]) -> list[dict]:
+    """One row per shard still to write: its rank range and the buckets that hold it."""
+    work = []
+    per_shard = plan["samples_per_shard"]
+    for split, ranges in sorted(plan["buckets"].items()):
+        r = 0
+        for index in range(plan["num_shards"][split]):
+            lo, hi = index * per_shard, min((index + 1) * per_shard, plan["sizes"][split])
+            while ranges[r][1] + ranges[r][2] <= lo:
+                r += 1
+            if (split, index) in done:
+                continue
+            covering, j = [], r
+            while j < len(ranges) and ranges[j][1] < hi:
+                covering.append(ranges[j][:2])
+                j += 1
+            work.append({"split": split, "shard": index, "lo": lo, "hi": hi, "buckets": json.dumps(covering)})
+    return work
+
+
+def _shard_members(fs, dst: str, split: str, lo: int, hi: int, buckets: list[list[int]]) -> list[dict]:
+    """The index rows of ranks [lo, hi) of ``split``, in shuffle order."""
+    import pyarrow.parquet as pq
+
+    parts = []
+    for bucket, start in buckets:
+        where = [("split", "==", split), ("local_rank", ">=", lo - start), ("local_rank", "<", hi - start)]
+        with fs.open(_bucket_path(dst, bucket), "rb") as f:
+            parts.append(pq.read_table(f, filters=where))
+    return pa.concat_tables(parts).to_pylist()  # buckets are consecutive ranges of the order
+
+
 def shard_corpus(cfg: ShardConfig, *, overwrite: bool = False, progress: bool = False, log=print) -> ShardSummary:
     """Run (or finish, or confirm) the sharding of ``cfg.src`` into ``cfg.dst``. Needs Ray initialised
     (``ray.init()`` on a laptop, ``ray.init(address=...)`` on a cluster); starts a local one otherwise.
@@ -643,43 +941,34 @@ def shard_corpus(cfg: ShardConfig, *, overwrite: bool = False, progress: bool = 
             log(f"{cfg.dst} already holds these shards (fingerprint {fingerprint}); nothing to do")
             return ShardSummary(**{**done["summary"], "shards_written_now": 0, "seconds": 0.0})
         raise ShardError(f"{cfg.dst} holds shards made with other settings; pass overwrite=True (--overwrite)")
+    recorded: dict = {}
     if dst_fs.exists(plan_path):
-        plan = json.loads(dst_fs.cat_file(plan_path))
-        if plan.get("fingerprint") != fingerprint:
+        recorded = json.loads(dst_fs.cat_file(plan_path))
+        if recorded.get("fingerprint") != fingerprint:
             raise ShardError(
                 f"{cfg.dst} holds an unfinished run with other settings; pass overwrite=True (--overwrite)"
             )
     elif dst_fs.exists(dst) and dst_fs.ls(dst):
         raise ShardError(f"{cfg.dst} is not empty and holds no sharding run; choose an empty destination")
 
-    kind = _detect_source(src_fs, src, cfg)
-    classes_in = _load_classes(src_fs, src)
-    log(f"indexing {cfg.src} ({kind})")
-    index, plan_rejects = _build_index(kind, src_fs, src, cfg, classes_in)
-    if index.num_rows == 0 and not plan_rejects:
-        raise ShardError(f"no samples found in {cfg.src}")
-    index, duplicates = _drop_duplicate_keys(index)
-    plan_rejects += duplicates
-    read = index.num_rows + len(plan_rejects)
-
-    all_labels = index.column("labels").to_pylist()
-    classes = _class_list(classes_in, sorted({n for labels in all_labels for n in labels}))
-    class_ids = {name: i for i, name in enumerate(classes)}
-    single_label = all(len(labels) <= 1 for labels in all_labels)
-    samples_per_shard = cfg.shard_samples or _samples_for_bytes(src_fs, index, cfg.shard_bytes)
-    index, num_shards = _assign_shards(index, samples_per_shard, cfg.seed)
-    splits, shard = index.column("split").to_pylist(), index.column("shard").to_pylist()
-    per_split = Counter(splits)
-
-    with _open_for_writing(dst_fs, plan_path, "w") as f:
-        json.dump({"fingerprint": fingerprint, "config": dataclasses.asdict(cfg) | {"storage_options": {}}}, f)
-    with _open_for_writing(dst_fs, f"{dst}/{WORK_DIR}/plan_rejects.json", "w") as f:
-        json.dump(plan_rejects, f)
+    # The plan is made once: a resumed run writes the shards the first one planned, even if the
+    # source changed since.
+    plan = recorded.get("plan")
+    header = {"fingerprint": fingerprint, "config": dataclasses.asdict(cfg) | {"storage_options": {}}}
+    if plan is None:
+        with _open_for_writing(dst_fs, plan_path, "w") as f:
+            json.dump(header, f)
+        kind = _detect_source(src_fs, src, cfg)
+        log(f"indexing {cfg.src} ({kind})")
+        plan = _make_plan(kind, src_fs, src, cfg, _load_classes(src_fs, src), log)
+        with _open_for_writing(dst_fs, plan_path, "w") as f:
+            json.dump(header | {"plan": plan}, f)
     done = _done_shards(dst_fs, dst)
-    todo = [(s, i) for s, n in sorted(num_shards.items()) for i in range(n) if (s, i) not in done]
+    work = _shard_work(plan, done)
+    sizes, num_shards = plan["sizes"], plan["num_shards"]
     log(
-        f"{index.num_rows:,} samples, {len(classes):,} classes, "
-        + ", ".join(f"{s}: {n:,} in {num_shards[s]:,} shards" for s, n in sorted(per_split.items()))
+        f"{sum(sizes.values()):,} samples, {len(plan['classes']):,} classes, "
+        + ", ".join(f"{s}: {n:,} in {num_shards[s]:,} shards" for s, n in sorted(sizes.items()))
         + (f"; {len(done)} shards already done" if done else "")
     )
 
@@ -689,25 +978,15 @@ def shard_corpus(cfg: ShardConfig, *, overwrite: bool = False, progress: bool = 
         log(f"de-duplicating against {len(eval_index):,} evaluation images (pHash distance <= {cfg.dedup_distance})")
 
     written_now = 0
-    if todo:
+    if work:
         import ray.data
 
-        # One row per shard, its members as Arrow IPC bytes: the driver already knows every shard's
-        # members, so no Ray Data shuffle (and none of its operators competing for CPUs) is needed.
-        work = []
-        todo_set = set(todo)
-        by_shard: dict[tuple[str, int], list[int]] = {}
-        for row, (s_, i_) in enumerate(zip(splits, shard)):
-            if (s_, i_) in todo_set:
-                by_shard.setdefault((s_, i_), []).append(row)
-        for (s_, i_), rows in sorted(by_shard.items()):
-            members = index.take(pa.array(rows, pa.int64()))
-            work.append({"split": s_, "shard": i_, "members": _to_ipc(members)})
+        class_ids = {name: i for i, name in enumerate(plan["classes"])}
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         ds = ray.data.from_items(work, override_num_blocks=len(work))
         results = ds.map_batches(
             ShardWriter,
-            fn_constructor_args=(cfg, class_ids, single_label, eval_index),
+            fn_constructor_args=(cfg, class_ids, plan["single_label"], eval_index),
             batch_size=1,
             batch_format="pyarrow",
             # a fixed pool: an autoscaling one starts with a single actor and shards would queue behind it
@@ -715,9 +994,8 @@ def shard_corpus(cfg: ShardConfig, *, overwrite: bool = False, progress: bool = 
         )
         if progress:
             ds.context.enable_progress_bars = False
-        written_now = _drain(results, len(work), sum(len(r) for r in by_shard.values()), progress)
-    summary = _finish(dst_fs, dst, cfg, classes, single_label, num_shards, read, fingerprint, started, written_now)
-    return summary
+        written_now = _drain(results, len(work), sum(w["hi"] - w["lo"] for w in work), progress)
+    return _finish(dst_fs, dst, cfg, plan, fingerprint, started, written_now)
 
 
 def _drain(results, shards: int, images: int, progress: bool) -> int:
@@ -731,29 +1009,6 @@ def _drain(results, shards: int, images: int, progress: bool) -> int:
             bar.update(row["samples"] + row["rejected"])
             bar.set_postfix_str(f"{done}/{shards} shards")
     return done
-
-
-def _build_index(kind: str, fs, root: str, cfg: ShardConfig, classes: list[str] | None):
-    """The index table, and the inputs rejected while building it (unreadable tars)."""
-    if kind == "folder":
-        if not fs.isdir(root):
-            raise ShardError(f"{cfg.src} is not a folder")
-        return _index_folder(fs, root, cfg), []
-    if kind == "table":
-        return _index_label_table(fs, root, cfg, classes), []
-    if kind == "tars":
-        tars = [root] if fs.isfile(root) else sorted(p for p in fs.find(root) if p.endswith(".tar"))
-        if not tars:
-            raise ShardError(f"no .tar files in {cfg.src}")
-        import ray
-
-        @ray.remote
-        def scan(path: str) -> tuple[pa.Table, list[dict]]:
-            return _scan_tar(path, cfg.storage_options, root, cfg)
-
-        scanned = ray.get([scan.remote(p if "://" not in cfg.src else _url(cfg.src, p)) for p in tars])
-        return pa.concat_tables([t for t, _ in scanned]), [r for _, rejects in scanned for r in rejects]
-    raise ShardError(f"unknown source kind {kind!r}; expected folder, table or tars")
 
 
 def _url(src_url: str, path: str) -> str:
@@ -779,58 +1034,6 @@ def _class_list(given: list[str] | None, seen: list[str]) -> list[str]:
     return list(given) + [n for n in seen if n not in known]
 
 
-def _drop_duplicate_keys(index: pa.Table) -> tuple[pa.Table, list[dict]]:
-    """Keep the first row of each key (in listing/table order); the others are rejects."""
-    keys = index.column("key").to_pylist()
-    first: dict[str, int] = {}
-    keep = np.ones(len(keys), dtype=bool)
-    rejects = []
-    sources = index.column("source").to_pylist()
-    for i, key in enumerate(keys):
-        if key in first:
-            keep[i] = False
-            rejects.append(
-                {
-                    "key": key,
-                    "source": sources[i],
-                    "reason": "duplicate-key",
-                    "detail": f"same key as {sources[first[key]]}",
-                }
-            )
-        else:
-            first[key] = i
-    return (index if keep.all() else index.filter(pa.array(keep))), rejects
-
-
-def _assign_shards(index: pa.Table, samples_per_shard: int, seed: int) -> tuple[pa.Table, dict[str, int]]:
-    """A seeded permutation of each split, cut into consecutive shards of exactly ``samples_per_shard``
-    (the last one shorter): deterministic, and every shard a uniform random sample of its split."""
-    order = _hash64(seed, "order", index.column("key").to_pylist())
-    splits = np.array(index.column("split").to_pylist(), dtype=object)
-    shard = np.zeros(index.num_rows, dtype=np.int64)
-    num_shards = {}
-    for split in sorted(set(splits)):
-        members = np.flatnonzero(splits == split)
-        rank = np.empty(len(members), dtype=np.int64)
-        rank[np.argsort(order[members], kind="stable")] = np.arange(len(members))
-        shard[members] = rank // samples_per_shard
-        num_shards[split] = -(-len(members) // samples_per_shard)
-    index = index.append_column("shard", pa.array(shard)).append_column("order", pa.array(order))
-    return index, num_shards
-
-
-def _samples_for_bytes(fs, index: pa.Table, target_bytes: int) -> int:
-    """Samples per shard for a byte target, from the mean size of up to 256 sampled inputs."""
-    lengths = np.array(index.column("length").to_pylist())
-    known = lengths[lengths > 0]
-    if known.size == 0:
-        step = max(1, index.num_rows // 256)
-        paths = index.column("path").to_pylist()[::step][:256]
-        known = np.array([fs.size(p) for p in paths if fs.exists(p)] or [100_000])
-    per_sample = float(known.mean()) + 1536  # tar headers and the json sidecar
-    return max(1, int(target_bytes // per_sample))
-
-
 def _done_shards(fs, dst: str) -> set[tuple[str, int]]:
     done_dir = f"{dst}/{WORK_DIR}/done"
     if not fs.exists(done_dir):
@@ -844,31 +1047,37 @@ def _done_shards(fs, dst: str) -> set[tuple[str, int]]:
     return out
 
 
-def _finish(fs, dst, cfg, classes, single_label, num_shards, read, fingerprint, started, written_now) -> ShardSummary:
+def _finish(fs, dst: str, cfg: ShardConfig, plan: dict, fingerprint: str, started: float, written_now: int):
+    """Merge the markers into the manifest and the rejects (streamed: nothing per image is held)."""
     import pyarrow.parquet as pq
 
     manifest_rows = []
-    reject_rows = [
-        {**r, "split": None, "shard": None} for r in json.loads(fs.cat_file(f"{dst}/{WORK_DIR}/plan_rejects.json"))
-    ]
-    for split, n in sorted(num_shards.items()):
-        for i in range(n):
-            marker = json.loads(fs.cat_file(f"{dst}/{WORK_DIR}/done/{split}-{i:06d}.json"))
-            manifest_rows.append(marker["manifest"])
-            reject_rows += marker["rejects"]
-    manifest = pa.Table.from_pylist(manifest_rows, schema=MANIFEST_SCHEMA)
-    rejects = pa.Table.from_pylist(reject_rows, schema=REJECTS_SCHEMA)
+    rejected_by_reason: Counter = Counter()
+    with _open_for_writing(fs, f"{dst}/rejects.parquet", "wb") as f, pq.ParquetWriter(f, REJECTS_SCHEMA) as rejects:
+
+        def add_rejects(table: pa.Table) -> None:
+            rejected_by_reason.update(table.column("reason").to_pylist())
+            rejects.write_table(table)
+
+        for path in sorted(fs.glob(f"{dst}/{WORK_DIR}/{PLAN_DIR}/rejects-*.parquet")):
+            with fs.open(path, "rb") as part:
+                add_rejects(pq.read_table(part, schema=REJECTS_SCHEMA))
+        for split, n in sorted(plan["num_shards"].items()):
+            for i in range(n):
+                marker = json.loads(fs.cat_file(f"{dst}/{WORK_DIR}/done/{split}-{i:06d}.json"))
+                manifest_rows.append(marker["manifest"])
+                if marker["rejects"]:
+                    add_rejects(pa.Table.from_pylist(marker["rejects"], schema=REJECTS_SCHEMA))
+    rejected = sum(rejected_by_reason.values())
     written = sum(r["samples"] for r in manifest_rows)
-    if written + len(reject_rows) != read:
-        raise RuntimeError(f"counts do not balance: read {read} != written {written} + rejected {len(reject_rows)}")
+    if written + rejected != plan["read"]:
+        raise RuntimeError(f"counts do not balance: read {plan['read']} != written {written} + rejected {rejected}")
     with _open_for_writing(fs, f"{dst}/manifest.parquet", "wb") as f:
-        pq.write_table(manifest, f)
-    with _open_for_writing(fs, f"{dst}/rejects.parquet", "wb") as f:
-        pq.write_table(rejects, f)
+        pq.write_table(pa.Table.from_pylist(manifest_rows, schema=MANIFEST_SCHEMA), f)
     with _open_for_writing(fs, f"{dst}/classes.json", "w") as f:
-        json.dump([{"id": i, "name": n} for i, n in enumerate(classes)], f, indent=0)
+        json.dump([{"id": i, "name": n} for i, n in enumerate(plan["classes"])], f, indent=0)
     splits_info = {}
-    for split in sorted(num_shards):
+    for split in sorted(plan["num_shards"]):
         rows = [r for r in manifest_rows if r["split"] == split]
         splits_info[split] = {
             "name": split,
@@ -879,18 +1088,18 @@ def _finish(fs, dst, cfg, classes, single_label, num_shards, read, fingerprint, 
     # multi_label tells the trainer which loss to use (sigmoid for multi-hot targets, softmax otherwise)
     info = {
         "name": posixpath.basename(dst),
-        "num_classes": len(classes),
-        "multi_label": not single_label,
+        "num_classes": len(plan["classes"]),
+        "multi_label": not plan["single_label"],
         "splits": splits_info,
     }
     with _open_for_writing(fs, f"{dst}/_info.json", "w") as f:
         json.dump(info, f, indent=1)
     summary = ShardSummary(
         dst=cfg.dst,
-        read=read,
+        read=plan["read"],
         written=written,
-        rejected=len(reject_rows),
-        rejected_by_reason=dict(Counter(r["reason"] for r in reject_rows)),
+        rejected=rejected,
+        rejected_by_reason=dict(rejected_by_reason),
         shards=len(manifest_rows),
         shards_written_now=written_now,
         bytes_written=sum(r["bytes"] for r in manifest_rows),

@@ -195,6 +195,44 @@ def test_shuffle_is_deterministic_and_random(tmp_path):
         assert len(json.loads(row["label_histogram"])) >= 2
 
 
+def test_the_plan_does_not_depend_on_how_the_index_is_cut(tmp_path, monkeypatch):
+    """Buckets and listing units are how the index scales out; the shards must not depend on them."""
+    from pipelines import shard
+
+    src = tmp_path / "src"
+    write_folder_corpus(src, per_class=30)
+    (src / "circle" / "img000.png").write_bytes((src / "circle" / "img001.jpg").read_bytes())  # a repeated key
+    quiet = {"log": lambda *_: None}
+    shard_corpus(ShardConfig(src=str(src), dst=str(tmp_path / "one"), shard_samples=7, val_fraction=0.2), **quiet)
+    monkeypatch.setattr(shard, "_BUCKET_ROWS", 4)  # 91 rows -> 32 buckets, so shards span several
+    many = shard_corpus(
+        ShardConfig(src=str(src), dst=str(tmp_path / "many"), shard_samples=7, val_fraction=0.2), **quiet
+    )
+    assert shard._bucket_bits(91) == 5
+    assert many.rejected_by_reason == {"duplicate-key": 1} and many.written == 90
+    assert manifest(tmp_path / "one") == manifest(tmp_path / "many")
+    rejects = [pq.read_table(tmp_path / d / "rejects.parquet").to_pylist() for d in ("one", "many")]
+    assert rejects[0] == rejects[1] and rejects[0][0]["detail"] == "same key as circle/img000.jpg"
+
+    # a label table indexed a row group per task gives what one streamed CSV gives
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+
+    jpgs = sorted(src.rglob("*.jpg"))
+    table = pa.table({"path": [f"img/{p.relative_to(src)}" for p in jpgs], "labels": [p.parent.name for p in jpgs]})
+    for name, write in (
+        ("parquet", lambda t, d: pq.write_table(t, d / "labels.parquet", row_group_size=9)),
+        ("csv", lambda t, d: pcsv.write_csv(t, d / "labels.csv")),
+    ):
+        table_src = tmp_path / f"src-{name}"
+        table_src.mkdir()
+        (table_src / "img").symlink_to(src)
+        write(table, table_src)
+        shard_corpus(ShardConfig(src=str(table_src), dst=str(tmp_path / name), shard_samples=7), **quiet)
+    assert pq.ParquetFile(tmp_path / "src-parquet" / "labels.parquet").metadata.num_row_groups == 10
+    assert [r["sha256"] for r in manifest(tmp_path / "parquet")] == [r["sha256"] for r in manifest(tmp_path / "csv")]
+
+
 def test_shard_bytes_target(tmp_path):
     src, dst = tmp_path / "src", tmp_path / "shards"
     write_folder_corpus(src, per_class=20)

@@ -205,6 +205,49 @@ def test_gradient_accumulation_equals_one_big_batch(synth_shards, tmp_path):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
+def test_compiled_blocks_train_like_eager_and_checkpoint_plain_weights(synth_shards, tmp_path, monkeypatch):
+    """scale.compile=True through a worker's real loop (steps, evaluation, checkpoint), Ray's part replaced by a
+    local copy: the same per-step losses as eager, and a checkpoint that loads into a plain model and resumes."""
+    import shutil
+
+    import ray.train
+    from torch._dynamo.utils import counters
+
+    def report(metrics, *, checkpoint, checkpoint_dir_name):  # what Ray's upload to storage amounts to here
+        shutil.copytree(checkpoint.path, Path(run_dir) / checkpoint_dir_name)
+
+    monkeypatch.setattr(ray.train, "report", report)
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: None)
+    settings = ["data.loader_workers=0", "batch_size=8", "micro_batch_size=4", "steps=4", "checkpoint_every=4"]
+    torch._dynamo.reset()
+    counters.clear()
+    runs = {}
+    for use_compile in (False, True):
+        loop = _loop(synth_shards, tmp_path / str(use_compile), *settings, f"scale.compile={use_compile}")
+        run_dir = loop.plan.run_dir
+        outcome = loop.run()
+        assert outcome["status"] == "finished" and "eval/top1" in outcome["metrics"]
+        runs[use_compile] = loop
+    eager, compiled = runs[False], runs[True]
+    assert all(block._compiled_call_impl is not None for block in compiled.model.blocks)
+    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]  # whole blocks, no fallback
+    for (step, *values), (step_c, *values_c) in zip(eager.step_values, compiled.step_values, strict=True):
+        assert step == step_c and values_c == pytest.approx(values, rel=1e-4), step
+    # the checkpoint holds plain names (no _orig_mod.): vit.load_model and an eager loop's resume both take it
+    checkpoint = Path(compiled.plan.run_dir) / "checkpoint-00000004"
+    plain = vit.load_model(checkpoint / "model.safetensors")
+    trained = compiled.model.state_dict()
+    assert plain.state_dict().keys() == trained.keys() == eager.model.state_dict().keys()
+    for key, value in plain.state_dict().items():
+        torch.testing.assert_close(value, trained[key], atol=0, rtol=0, msg=key)
+        torch.testing.assert_close(value, eager.model.state_dict()[key], atol=1e-5, rtol=1e-4, msg=key)
+    resumed = _loop(synth_shards, tmp_path / "resumed", *settings)
+    resumed._restore(checkpoint)
+    assert resumed.step == 4
+    for key, value in resumed.model.state_dict().items():
+        torch.testing.assert_close(value, trained[key], atol=0, rtol=0, msg=key)
+
+
 def test_finetuning_starts_from_a_zero_head_and_resampled_position_embeddings(ddp_run, digits_shards):
     pretrained, _ = ddp_run
     source = vit.load_model(pretrained.model_path)
