@@ -15,7 +15,8 @@ What is measured, on synthetic JFT-style corpora of real JPEGs (``vit corpus syn
   cancels the fixed start-up cost (planning, actor start).
 
 Each job runs in a fresh subprocess with its own local Ray; peak memory is the largest sum of RSS over
-that process and all its descendants (driver plus Ray workers), sampled every 100 ms.
+that process and all its descendants (driver plus Ray workers), sampled every 100 ms, and the driver's
+own peak RSS, the one that would grow with a corpus held on the driver.
 """
 
 from __future__ import annotations
@@ -52,14 +53,18 @@ def tree_rss(pid: int) -> int:
 
 def run_measured(args: list[str]) -> dict:
     """Run ``bench/shard.py --worker ...`` in a subprocess; its JSON result plus the peak tree RSS."""
+    import psutil
+
     proc = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True)
-    peak = 0
+    peak = driver_peak = 0
     stop = threading.Event()
 
     def sample() -> None:
-        nonlocal peak
+        nonlocal peak, driver_peak
         while not stop.is_set():
             peak = max(peak, tree_rss(proc.pid))
+            with contextlib.suppress(psutil.NoSuchProcess):
+                driver_peak = max(driver_peak, psutil.Process(proc.pid).memory_info().rss)
             time.sleep(0.1)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -71,6 +76,7 @@ def run_measured(args: list[str]) -> dict:
         raise RuntimeError(f"worker {args} failed with exit code {proc.returncode}")
     result = json.loads(out.strip().splitlines()[-1])
     result["peak_rss_mb"] = peak / 2**20
+    result["driver_peak_rss_mb"] = driver_peak / 2**20
     return result
 
 
@@ -205,12 +211,12 @@ def main() -> None:
         "shard": "vit shard",
     }
     print(f"\n{args.image_size} px JPEGs, {cores} cores")
-    print(f"{'method':<30}{'images':>9}{'seconds':>9}{'images/s':>10}{'MB/s':>8}{'peak RSS MB':>13}")
+    print(f"{'method':<30}{'images':>9}{'seconds':>9}{'images/s':>10}{'MB/s':>8}{'peak RSS MB':>13}{'driver MB':>11}")
     for row in rows:
         mbs = row["bytes"] / 1e6 / row["seconds"] * (cores if row["kind"] == "decode" else 1)
         print(
             f"{names[row['kind']]:<30}{row['size']:>9,}{row['seconds']:>9.1f}{rate(row):>10,.0f}{mbs:>8.1f}"
-            f"{row['peak_rss_mb']:>13,.0f}"
+            f"{row['peak_rss_mb']:>13,.0f}{row['driver_peak_rss_mb']:>11,.0f}"
         )
     print()
     for n in sizes:
@@ -233,7 +239,8 @@ def main() -> None:
         )
         print(
             f"peak memory: vit shard {s[small]['peak_rss_mb']:,.0f} MB at {small:,} -> "
-            f"{s[big]['peak_rss_mb']:,.0f} MB at {big:,} images"
+            f"{s[big]['peak_rss_mb']:,.0f} MB at {big:,} images (all processes); the driver alone "
+            f"{s[small]['driver_peak_rss_mb']:,.0f} -> {s[big]['driver_peak_rss_mb']:,.0f} MB"
         )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))

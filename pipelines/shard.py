@@ -545,11 +545,9 @@ def _member_header(name: str, size: int) -> bytes:
     return bytes(header)
 
 
-def _write_member(sink, name: str, data: bytes) -> None:
-    sink.write(_member_header(name, len(data)))
-    sink.write(data)
-    if len(data) % 512:
-        sink.write(b"\0" * (512 - len(data) % 512))
+def _member(name: str, data: bytes) -> bytes:
+    """A tar member: header, data, padding to the 512-byte block."""
+    return b"".join((_member_header(name, len(data)), data, b"\0" * (-len(data) % 512)))
 
 
 class ShardWriter:
@@ -600,10 +598,13 @@ class ShardWriter:
                     "source_format": image.source_format,
                     "reencoded": image.reencoded,
                 }
-                _write_member(sink, f"{row['key']}.jpg", image.data)
-                _write_member(sink, f"{row['key']}.json", json.dumps(meta, sort_keys=True).encode())
+                members = [
+                    _member(f"{row['key']}.jpg", image.data),
+                    _member(f"{row['key']}.json", json.dumps(meta, sort_keys=True).encode()),
+                ]
                 if self.single_label:
-                    _write_member(sink, f"{row['key']}.cls", str(ids[0]).encode())
+                    members.append(_member(f"{row['key']}.cls", str(ids[0]).encode()))
+                sink.write(b"".join(members))  # one write (and hash update) per sample
                 histogram.update(ids)
                 written += 1
             sink.write(b"\0" * 1024)  # end-of-archive marker: two zero blocks

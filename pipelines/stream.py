@@ -24,7 +24,6 @@ import itertools
 import json
 import logging
 import posixpath
-import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -117,33 +116,118 @@ def iter_tar_samples(fileobj, skip: int = 0) -> Iterator[dict[str, bytes | str]]
     Members are grouped by key (the name up to the first dot of its basename, as WebDataset does).
     Nothing is extracted to disk, so hostile member names cannot escape anywhere; links, folders
     and oversized members are refused.
+
+    The headers are parsed here rather than by ``tarfile``, whose stream mode costs ~40 us a member
+    (a few percent of a decode at 224 px); ustar, GNU long names and PAX path/size records are read,
+    and every header's checksum is checked.
     """
     key, sample, index = None, {}, 0
-    try:
-        with tarfile.open(fileobj=fileobj, mode="r|") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                prefix, base = posixpath.split(member.name)
-                stem, dot, ext = base.partition(".")
-                if not dot:
-                    continue
-                member_key = posixpath.join(prefix, stem) if prefix else stem
-                if member_key != key:
-                    if key is not None:
-                        if index >= skip:
-                            yield sample
-                        index += 1
-                    key, sample = member_key, {"__key__": member_key}
-                if index < skip:
-                    continue  # stream mode moves past the member's data without keeping it
-                if member.size > MAX_MEMBER_BYTES:
-                    raise ShardsError(f"member {member.name!r} is {member.size} bytes, above {MAX_MEMBER_BYTES}")
-                sample[ext.lower()] = tar.extractfile(member).read()
-    except (tarfile.TarError, EOFError, OSError) as err:
-        raise ShardsError(f"damaged tar after {index} samples: {err}") from err
+    for name, size, regular in _tar_members(fileobj):
+        prefix, base = posixpath.split(name)
+        stem, dot, ext = base.partition(".")
+        if not regular or not dot:  # a link, a folder, or a name without an extension: passed over
+            _skip(fileobj, size + -size % 512)
+            continue
+        member_key = posixpath.join(prefix, stem) if prefix else stem
+        if member_key != key:
+            if key is not None:
+                if index >= skip:
+                    yield sample
+                index += 1
+            key, sample = member_key, {"__key__": member_key}
+        if index < skip:
+            _skip(fileobj, size + -size % 512)  # a resumed reader moves past the data without keeping it
+            continue
+        if size > MAX_MEMBER_BYTES:
+            raise ShardsError(f"member {name!r} is {size} bytes, above {MAX_MEMBER_BYTES}")
+        sample[ext.lower()] = _read_exactly(fileobj, size, index)
+        _skip(fileobj, -size % 512)
     if key is not None and index >= skip:
         yield sample
+
+
+_REGULAR_TYPES = (b"0", b"\0", b"7")
+
+
+def _tar_members(f) -> Iterator[tuple[str, int, bool]]:
+    """(name, size, is a regular file) of each member, with ``f`` positioned at its data; long names
+    (GNU ``L`` members, PAX ``path`` records) applied."""
+    long_name: str | None = None
+    pax: dict[str, str] = {}
+    count = 0
+    while True:
+        header = f.read(512)
+        if not header or header == _ZERO_BLOCK:
+            return  # end of archive (or a tar cut exactly at a member boundary, which the counts catch)
+        if len(header) < 512:
+            raise ShardsError(f"damaged tar after {count} members: a header cut short")
+        if _checksum(header) != _octal(header[148:156]):
+            raise ShardsError(f"damaged tar after {count} members: a header with a wrong checksum")
+        size = _octal(header[124:136])
+        kind = header[156:157]
+        if kind in (b"L", b"x"):  # metadata for the next member
+            data = _read_exactly(f, size, count).rstrip(b"\0")
+            _skip(f, -size % 512)
+            if kind == b"L":
+                long_name = data.decode("utf-8", "surrogateescape")
+            else:
+                pax = _pax_records(data)
+            continue
+        name = header[:100].split(b"\0", 1)[0]
+        prefix = header[345:500].split(b"\0", 1)[0] if header[257:262] == b"ustar" else b""
+        name = (prefix + b"/" + name if prefix else name).decode("utf-8", "surrogateescape")
+        name = pax.get("path", long_name or name)
+        size = int(pax["size"]) if "size" in pax else size
+        long_name, pax = None, {}
+        count += 1
+        yield name, size, kind in _REGULAR_TYPES
+
+
+_ZERO_BLOCK = bytes(512)
+
+
+def _checksum(header: bytes) -> int:
+    return sum(header[:148]) + 8 * 32 + sum(header[156:])  # the checksum field counts as spaces
+
+
+def _octal(field: bytes) -> int:
+    if field[0] & 0x80:  # base-256, for sizes beyond 8 GiB
+        return int.from_bytes(field[1:], "big")
+    digits = field.split(b"\0", 1)[0].strip()
+    try:
+        return int(digits, 8) if digits else 0
+    except ValueError:
+        raise ShardsError(f"damaged tar: {field!r} is not a number") from None
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    """'<length> <key>=<value>\\n' records; only path and size matter here."""
+    records, pos = {}, 0
+    while pos < len(data):
+        space = data.find(b" ", pos)
+        if space < 0:
+            break
+        length = int(data[pos:space])
+        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
+        records[key.decode()] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return records
+
+
+def _read_exactly(f, size: int, count: int) -> bytes:
+    data = f.read(size)
+    if len(data) != size:
+        raise ShardsError(f"damaged tar after {count} samples: a member cut short ({len(data)} of {size} bytes)")
+    return data
+
+
+def _skip(f, size: int) -> None:
+    if size <= 0:
+        return
+    if f.seekable():
+        f.seek(size, 1)  # past the data without reading it (local files and object stores alike)
+    else:
+        _read_exactly(f, size, 0)
 
 
 @dataclass(frozen=True)

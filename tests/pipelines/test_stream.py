@@ -191,3 +191,31 @@ def test_tar_reader_skips_without_reading_and_refuses_links(tmp_path):
         samples = list(iter_tar_samples(f, skip=2))
     assert [s["__key__"] for s in samples] == ["dir/k2", "dir/k3"]
     assert samples[0] == {"__key__": "dir/k2", "jpg": b"xxx", "cls": b"2"}
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_tar_reader_reads_what_tarfile_writes_in_every_format(tmp_path, fmt):
+    long_dir = "deep/" + "d" * 90 if fmt == tarfile.USTAR_FORMAT else "deep/" + "d" * 140  # ustar: prefix field
+    names = [f"{long_dir}/k0.jpg", f"{long_dir}/k0.json", "plain/k1.jpg", "big/k2.jpg"]
+    if fmt == tarfile.PAX_FORMAT:
+        names.append("ünïcode/k3.jpg")
+    payloads = {name: (name * 37).encode()[: 100 + 700 * i] for i, name in enumerate(names)}
+    path = tmp_path / "t.tar"
+    with tarfile.open(path, "w", format=fmt) as tar:
+        tar.addfile(tarfile.TarInfo("a-folder"))  # passed over, as links are
+        for name, data in payloads.items():
+            _add(tar, name, data)
+    with open(path, "rb") as f:
+        samples = list(iter_tar_samples(f))
+    expected = {}
+    for name, data in payloads.items():
+        key, ext = name.rsplit(".", 1)
+        expected.setdefault(key, {"__key__": key})[ext] = data
+    assert samples == list(expected.values())
+
+    with tarfile.open(path) as tar:
+        header = tar.getmembers()[2].offset_data - 512  # the header just before the second file's data
+    data = bytearray(path.read_bytes())
+    data[header + 5] ^= 0xFF
+    with pytest.raises(ShardsError, match="checksum"):
+        list(iter_tar_samples(io.BytesIO(bytes(data))))
