@@ -8,9 +8,11 @@ passed over by the sample counts in the shards' ``_info.json``, and inside a sha
 are read, never decoded.
 
 Why this and not Ray Data (``read_webdataset`` + ``get_dataset_shard``), measured by
-``bench/train.py`` on 2 cores (Inception crop at 224, batches of 32): this loader delivers 87-91% of
-the decode+augment ceiling of the same two processes (medians of three runs: 90.6%, 89.7%, and 86.8%
-over 12 passes; 76% before batch buffers were recycled), Ray Data's stock pipeline 23-40%. Beyond speed,
+``bench/train.py`` on 2 cores (Inception crop at 224, batches of 32): this loader delivers 90-93% of
+the decode+augment ceiling of the same two processes (medians of three runs: 93.4%, 92.4% and 90.3%
+over 6, 12 and 12 passes; 76% with a fresh shared batch per batch, 87-91% with recycled ones sent
+whole, before tar headers were parsed here and batches sent as ring slots), Ray Data's stock
+pipeline 23-40%. Beyond speed,
 Ray Data's streaming split has no resumable position (a restarted run would re-read an epoch from
 the start or skip what it never trained on), it reserves CPUs of its own beside the training
 workers (on small machines the two deadlock on the CPU budget), and it moves every sample through
@@ -23,9 +25,11 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 import posixpath
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import fsspec
 import numpy as np
@@ -278,10 +282,11 @@ class ShardStream(IterableDataset):
     the sequence identical to an uninterrupted one.
     """
 
-    def __init__(self, spec: StreamSpec):
+    def __init__(self, spec: StreamSpec, *, slot_batches: bool = False):
         self.spec = spec
+        self.slot_batches = slot_batches  # with recycle_batches in workers: send _SlotBatch, not the buffers
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int] | _SlotBatch]:
         worker = get_worker_info()
         workers, physical = (worker.num_workers, worker.id) if worker else (1, 0)
         spec = self.spec
@@ -290,47 +295,63 @@ class ShardStream(IterableDataset):
         reader = spec.rank * workers + logical
         readers = spec.world_size * workers
         samples = self._samples(reader, readers, skip=done * spec.batch_size)
-        # Pixels go straight from the decoded image into the batch, which a loader worker allocates in
-        # shared memory: two copies per image instead of four (array, contiguous, stack, shared memory).
-        batches = self._batches(worker is not None)
-        batch, targets, filled, bad = next(batches), [], 0, 0
+        # Pixels and targets go straight into the batch, which a loader worker allocates in shared memory:
+        # two copies per image instead of four (array, contiguous, stack, shared memory).
+        ring = worker is not None and spec.recycle_batches and self.slot_batches
+        buffers = self._buffers(worker is not None)
+        (slot, images, targets, first_use), filled, bad = next(buffers), 0, 0
+        shards = spec.shards
         for epoch, sample in samples:
             try:
                 image = self._image(sample, epoch)
-                targets.append(self._target(sample))
+                encode_labels(
+                    self._label_ids(sample), shards.num_classes, multi_label=shards.multi_label, out=targets[filled]
+                )
             except ValueError as err:
                 bad += 1
                 log.warning("skipping sample %s: %s", sample.get("__key__"), err)
             else:
-                batch[filled].copy_(torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1))
+                images[filled].copy_(torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1))
                 filled += 1
             if filled + bad == spec.batch_size:
-                yield batch[:filled], _stack_targets(targets, spec), bad
-                batch, targets, filled, bad = next(batches), [], 0, 0
+                if ring:
+                    yield _SlotBatch(physical, slot, filled, bad, *((images, targets) if first_use else (None, None)))
+                else:
+                    yield images[:filled], targets[:filled], bad
+                (slot, images, targets, first_use), filled, bad = next(buffers), 0, 0
         if filled or bad:
-            yield batch[:filled], _stack_targets(targets, spec), bad
+            if ring:
+                yield _SlotBatch(physical, slot, filled, bad, *((images, targets) if first_use else (None, None)))
+            else:
+                yield images[:filled], targets[:filled], bad
 
-    def _batches(self, shared: bool) -> Iterator[torch.Tensor]:
-        """Empty batches to fill: fresh ones, or in a loader worker with ``recycle_batches`` a ring of them.
+    def _buffers(self, shared: bool) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, bool]]:
+        """(slot, images, targets, first use) to fill: fresh buffers, or in a loader worker with
+        ``recycle_batches`` a ring of PREFETCH_FACTOR + 2 of them.
 
         A worker has at most PREFETCH_FACTOR batches requested and not yet handed out, and the consumer
         holds the last one handed out; a ring two longer never rewrites a batch still queued or in use."""
-        size = self.spec.transform.size
-        shape = (self.spec.batch_size, 3, size, size)
-        numel = self.spec.batch_size * 3 * size * size
-        if not shared:
-            while True:
-                yield torch.empty(shape, dtype=torch.uint8)
-        ring: list[torch.Tensor] = []
+        spec = self.spec
+        size, batch = spec.transform.size, spec.batch_size
+        target_shape = (batch, spec.shards.num_classes) if spec.shards.multi_label else (batch,)
+        target_dtype = torch.float32 if spec.shards.multi_label else torch.int64
+
+        def new(shape, dtype) -> torch.Tensor:
+            if not shared:
+                return torch.empty(shape, dtype=dtype)
+            # allocated in shared memory directly: share_memory_() would allocate, then copy
+            numel = math.prod(shape) * dtype.itemsize
+            return torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(numel)).view(shape)
+
+        ring: list[tuple[torch.Tensor, torch.Tensor]] = []
         for count in itertools.count():
-            if not self.spec.recycle_batches or len(ring) < PREFETCH_FACTOR + 2:
-                # allocated in shared memory directly: share_memory_() would allocate, then copy
-                batch = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(numel)).view(shape)
-                if self.spec.recycle_batches:
-                    ring.append(batch)
-                yield batch
+            if not (shared and spec.recycle_batches):
+                yield 0, new((batch, 3, size, size), torch.uint8), new(target_shape, target_dtype), True
+            elif len(ring) < PREFETCH_FACTOR + 2:
+                ring.append((new((batch, 3, size, size), torch.uint8), new(target_shape, target_dtype)))
+                yield count, *ring[-1], True
             else:
-                yield ring[count % len(ring)]
+                yield count % len(ring), *ring[count % len(ring)], False
 
     # -- what a reader reads
 
@@ -410,14 +431,13 @@ class ShardStream(IterableDataset):
             raise ValueError(f"no image member (one of {', '.join(IMAGE_EXTENSIONS)})")
         return self.spec.transform.to_image(data, sample_rng(self.spec.seed, epoch, sample["__key__"]))
 
-    def _target(self, sample: dict) -> torch.Tensor:
+    @staticmethod
+    def _label_ids(sample: dict) -> list[int]:
         if "json" in sample:
-            ids = json.loads(sample["json"])["label_ids"]
-        elif "cls" in sample:
-            ids = [int(sample["cls"])]
-        else:
-            raise ValueError("no label (json with label_ids, or cls)")
-        return encode_labels(ids, self.spec.shards.num_classes, multi_label=self.spec.shards.multi_label)
+            return json.loads(sample["json"])["label_ids"]
+        if "cls" in sample:
+            return [int(sample["cls"])]
+        raise ValueError("no label (json with label_ids, or cls)")
 
 
 def _chunks(items: Iterator[dict], size: int) -> Iterator[list[dict]]:
@@ -431,22 +451,29 @@ def _chunks(items: Iterator[dict], size: int) -> Iterator[list[dict]]:
         yield chunk
 
 
-def _stack_targets(targets: list[torch.Tensor], spec: StreamSpec) -> torch.Tensor:
-    if targets:
-        return torch.stack(targets)
-    # every sample of the batch was bad: an empty batch keeps the ranks in step
-    if spec.shards.multi_label:
-        return torch.zeros(0, spec.shards.num_classes)
-    return torch.zeros(0, dtype=torch.long)
+class _SlotBatch(NamedTuple):
+    """What a loader worker with ``recycle_batches`` sends for a batch: where it wrote it. Sending the
+    shared buffers themselves costs both processes a socket connection per tensor (to pass its file
+    descriptor), ~1 ms a batch; they travel with a slot's first batch only, and the consumer side
+    (``_Loader``) finds them by (worker, slot) after that."""
+
+    worker: int
+    slot: int
+    filled: int
+    bad: int
+    images: torch.Tensor | None
+    targets: torch.Tensor | None
 
 
 PREFETCH_FACTOR = 4  # batches each loader worker prepares ahead
 
 
-def make_loader(spec: StreamSpec, *, workers: int = 2, pin_memory: bool = False) -> DataLoader:
-    """A DataLoader of ``spec``'s batches, decoded in ``workers`` processes (0: in this process)."""
-    return DataLoader(
-        ShardStream(spec),
+def make_loader(spec: StreamSpec, *, workers: int = 2, pin_memory: bool = False) -> Iterable:
+    """Batches ``(images, targets, bad)`` of ``spec``, decoded in ``workers`` processes (0: in this process)."""
+    # Pinning copies each batch as it arrives, so pinned loaders take the buffers every time.
+    slots = spec.recycle_batches and workers > 0 and not pin_memory
+    loader = DataLoader(
+        ShardStream(spec, slot_batches=slots),
         batch_size=None,  # the stream batches itself
         num_workers=workers,
         pin_memory=pin_memory,
@@ -456,3 +483,19 @@ def make_loader(spec: StreamSpec, *, workers: int = 2, pin_memory: bool = False)
         # depth then draw the same numbers whether a run was resumed (a new loader) or not.
         generator=torch.Generator().manual_seed(spec.seed),
     )
+    return _Loader(loader) if slots else loader
+
+
+class _Loader:
+    """A DataLoader whose workers send ``_SlotBatch``es, seen as plain batches."""
+
+    def __init__(self, loader: DataLoader):
+        self.loader = loader
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        buffers: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # new workers each pass
+        for batch in self.loader:
+            if batch.images is not None:
+                buffers[batch.worker, batch.slot] = (batch.images, batch.targets)
+            images, targets = buffers[batch.worker, batch.slot]
+            yield images[: batch.filled], targets[: batch.filled], batch.bad

@@ -261,15 +261,21 @@ def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
 # --- labels ----------------------------------------------------------------------------------------------
 
 
-def encode_labels(label_ids: Sequence[int], num_classes: int, *, multi_label: bool) -> torch.Tensor:
-    """Class ids to a target: a float32 multi-hot (num_classes,) or, single-label, an int64 scalar (first id)."""
+def encode_labels(
+    label_ids: Sequence[int], num_classes: int, *, multi_label: bool, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Class ids to a target: a float32 multi-hot (num_classes,) or, single-label, an int64 scalar (first id).
+
+    ``out`` (such a tensor, e.g. a row of a batch) is filled instead of allocating a new one."""
     if len(label_ids) == 0:
         raise ValueError("sample has no labels")
     bad = [i for i in label_ids if not 0 <= i < num_classes]
     if bad:
         raise ValueError(f"label ids {bad} outside [0, {num_classes})")
     if not multi_label:
-        return torch.tensor(label_ids[0], dtype=torch.int64)
-    target = torch.zeros(num_classes, dtype=torch.float32)
+        if out is None:
+            return torch.tensor(label_ids[0], dtype=torch.int64)
+        return out.fill_(label_ids[0])
+    target = torch.zeros(num_classes, dtype=torch.float32) if out is None else out.zero_()
     target[list(label_ids)] = 1.0
     return target
