@@ -14,9 +14,12 @@ What is measured, on synthetic JFT-style corpora of real JPEGs (``vit corpus syn
   Its steady-state rate is the marginal one between the two corpus sizes, (N2 - N1) / (t2 - t1), which
   cancels the fixed start-up cost (planning, actor start).
 
-Each job runs in a fresh subprocess with its own local Ray; peak memory is the largest sum of RSS over
-that process and all its descendants (driver plus Ray workers), sampled every 100 ms, and the driver's
-own peak RSS, the one that would grow with a corpus held on the driver.
+Each job runs in a fresh subprocess with its own local Ray (its object store capped at --object-store-mb,
+spilling to disk beyond, as a cluster node's store does). Memory, sampled every second (the driver's RSS
+every 100 ms): the driver's peak
+RSS (what would grow with a corpus held on the driver), the largest peak PSS of one Ray process (what
+would grow with a corpus held by a task), and the peak sum of PSS over all processes with their count
+(it grows with the number of worker processes Ray starts, at most a few per CPU, not with the images).
 """
 
 from __future__ import annotations
@@ -36,36 +39,46 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def tree_rss(pid: int) -> int:
+def tree_memory(pid: int) -> tuple[int, int, int]:
+    """(sum of PSS, largest PSS of a process other than ``pid``, process count) over ``pid`` and its
+    descendants. PSS counts a shared page (Ray's object store, libraries) once in the sum, not once
+    per process that maps it, as RSS would."""
     import psutil
 
     try:
         proc = psutil.Process(pid)
         procs = [proc, *proc.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return 0
-    total = 0
+        return 0, 0, 0
+    total = largest = count = 0
     for p in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            total += p.memory_info().rss
-    return total
+        with contextlib.suppress(psutil.Error):
+            pss = p.memory_full_info().pss
+            total, count = total + pss, count + 1
+            if p.pid != pid:
+                largest = max(largest, pss)
+    return total, largest, count
 
 
 def run_measured(args: list[str]) -> dict:
-    """Run ``bench/shard.py --worker ...`` in a subprocess; its JSON result plus the peak tree RSS."""
+    """Run ``bench/shard.py --worker ...`` in a subprocess; its JSON result plus its peak memory."""
     import psutil
 
     proc = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True)
-    peak = driver_peak = 0
+    peak = driver_peak = worker_peak = processes = 0
     stop = threading.Event()
 
     def sample() -> None:
-        nonlocal peak, driver_peak
+        nonlocal peak, driver_peak, worker_peak, processes
         while not stop.is_set():
-            peak = max(peak, tree_rss(proc.pid))
-            with contextlib.suppress(psutil.NoSuchProcess):
-                driver_peak = max(driver_peak, psutil.Process(proc.pid).memory_info().rss)
-            time.sleep(0.1)
+            total, largest, count = tree_memory(proc.pid)
+            peak, worker_peak, processes = max(peak, total), max(worker_peak, largest), max(processes, count)
+            # PSS costs ~2 ms a process to read: once a second, or the sampling would slow what it measures
+            for _ in range(10):
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    driver_peak = max(driver_peak, psutil.Process(proc.pid).memory_info().rss)
+                if stop.wait(0.1):
+                    break
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -75,8 +88,10 @@ def run_measured(args: list[str]) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"worker {args} failed with exit code {proc.returncode}")
     result = json.loads(out.strip().splitlines()[-1])
-    result["peak_rss_mb"] = peak / 2**20
+    result["peak_pss_mb"] = peak / 2**20
     result["driver_peak_rss_mb"] = driver_peak / 2**20
+    result["worker_peak_pss_mb"] = worker_peak / 2**20
+    result["processes"] = processes
     return result
 
 
@@ -123,7 +138,13 @@ def worker_tar(corpus: Path, out: Path) -> dict:
 def _ray_init() -> None:
     import ray
 
-    ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+    ray.init(
+        address="local",
+        num_cpus=max(4, os.cpu_count() or 1),
+        object_store_memory=int(os.environ["BENCH_OBJECT_STORE_MB"]) << 20,
+        include_dashboard=False,
+        log_to_driver=False,
+    )
 
 
 def worker_minimal_ray(corpus: Path, out: Path) -> dict:
@@ -180,11 +201,13 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "vit-bench-shard")
     parser.add_argument("--image-size", type=int, default=64, help="side of the generated JPEGs in pixels")
     parser.add_argument("--quick", action="store_true", help="smallest size only, for a smoke run")
+    parser.add_argument("--object-store-mb", type=int, default=512, help="Ray object store of each job")
     parser.add_argument("--kinds", nargs="+", default=["decode", "tar", "minimal", "shard"], help="what to run")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--worker", nargs=3, metavar=("KIND", "CORPUS", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
+    os.environ.setdefault("BENCH_OBJECT_STORE_MB", str(args.object_store_mb))  # the workers inherit it
     if args.worker:
         kind, corpus, out = args.worker
         fn = {"decode": worker_decode, "tar": worker_tar, "minimal": worker_minimal_ray, "shard": worker_vit_shard}
@@ -222,12 +245,16 @@ def main() -> None:
         "shard": "vit shard",
     }
     print(f"\n{args.image_size} px JPEGs, {cores} cores")
-    print(f"{'method':<30}{'images':>9}{'seconds':>9}{'images/s':>10}{'MB/s':>8}{'peak RSS MB':>13}{'driver MB':>11}")
+    print(
+        f"{'method':<30}{'images':>9}{'seconds':>9}{'images/s':>10}{'MB/s':>8}"
+        f"{'all MB':>9}{'procs':>7}{'driver MB':>11}{'worker MB':>11}"
+    )
     for row in rows:
         mbs = row["bytes"] / 1e6 / row["seconds"] * (cores if row["kind"] == "decode" else 1)
         print(
             f"{names[row['kind']]:<30}{row['size']:>9,}{row['seconds']:>9.1f}{rate(row):>10,.0f}{mbs:>8.1f}"
-            f"{row['peak_rss_mb']:>13,.0f}{row['driver_peak_rss_mb']:>11,.0f}"
+            f"{row['peak_pss_mb']:>9,.0f}{row['processes']:>7}{row['driver_peak_rss_mb']:>11,.0f}"
+            f"{row['worker_peak_pss_mb']:>11,.0f}"
         )
     print()
     compared = {"decode", "minimal", "shard"} <= set(args.kinds)
@@ -251,10 +278,13 @@ def main() -> None:
                 f"({steady_min:,.0f} images/s)"
             )
         if s:
+            a, b = s[small], s[big]
             print(
-                f"peak memory: vit shard {s[small]['peak_rss_mb']:,.0f} MB at {small:,} -> "
-                f"{s[big]['peak_rss_mb']:,.0f} MB at {big:,} images (all processes); the driver alone "
-                f"{s[small]['driver_peak_rss_mb']:,.0f} -> {s[big]['driver_peak_rss_mb']:,.0f} MB"
+                f"peak memory of vit shard, {small:,} -> {big:,} images: "
+                f"driver {a['driver_peak_rss_mb']:,.0f} -> {b['driver_peak_rss_mb']:,.0f} MB, "
+                f"largest worker {a['worker_peak_pss_mb']:,.0f} -> {b['worker_peak_pss_mb']:,.0f} MB, "
+                f"all {a['peak_pss_mb']:,.0f} -> {b['peak_pss_mb']:,.0f} MB "
+                f"in {a['processes']} -> {b['processes']} processes"
             )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))

@@ -180,8 +180,8 @@ INDEX_SCHEMA = pa.schema(
     ]
 )
 _UNIT_ROWS = 1 << 32  # seq = unit number * _UNIT_ROWS + row within the unit
-_INDEX_CHUNK = 65_536  # rows per block a listing unit yields
-_TABLE_PART_ROWS = 131_072  # rows of a label table one task indexes
+_INDEX_CHUNK = 16_384  # rows per block a listing unit yields
+_TABLE_PART_ROWS = 32_768  # rows of a label table one task indexes
 
 
 def _default_label_table(fs, root: str) -> str | None:
@@ -690,6 +690,10 @@ class ShardWriter:
         }
 
 
+def _write_shard(batch: pa.Table, writer: ShardWriter) -> pa.Table:
+    return writer(batch)
+
+
 def _read_local(path: str) -> bytes | OSError:
     try:
         with open(path, "rb") as f:
@@ -1009,15 +1013,14 @@ def shard_corpus(cfg: ShardConfig, *, overwrite: bool = False, progress: bool = 
         import ray.data
 
         class_ids = {name: i for i, name in enumerate(plan["classes"])}
-        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         ds = ray.data.from_items(work, override_num_blocks=len(work))
+        # Tasks, not actors: they run in the same worker processes as the index tasks before them, so a
+        # run holds as many processes as CPUs whatever the corpus size.
         results = ds.map_batches(
-            ShardWriter,
-            fn_constructor_args=(cfg, class_ids, plan["single_label"], eval_index),
+            _write_shard,
+            fn_kwargs={"writer": ShardWriter(cfg, class_ids, plan["single_label"], eval_index)},
             batch_size=1,
             batch_format="pyarrow",
-            # a fixed pool: an autoscaling one starts with a single actor and shards would queue behind it
-            concurrency=max(1, min(len(work), cpus)),
         )
         if progress:
             ds.context.enable_progress_bars = False
