@@ -798,8 +798,16 @@ def _plan_bucket(rows: pa.Table, cfg: ShardConfig) -> pa.Table:
         if keys[i] == keys[first]:
             keep[i] = False
             detail = f"same key as {sources[first]}"
-            rejects.append({"key": keys[i], "source": sources[i], "reason": "duplicate-key", "detail": detail})
-            rejects[-1].update(split=None, shard=None)
+            rejects.append(
+                {
+                    "key": keys[i],
+                    "source": sources[i],
+                    "reason": "duplicate-key",
+                    "detail": detail,
+                    "split": None,
+                    "shard": None,
+                }
+            )
         else:
             first = i
     kept = rows.filter(pa.array(keep)).sort_by([("split", "ascending"), ("order", "ascending"), ("key", "ascending")])

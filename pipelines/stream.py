@@ -301,6 +301,12 @@ class ShardStream(IterableDataset):
         buffers = self._buffers(worker is not None)
         (slot, images, targets, first_use), filled, bad = next(buffers), 0, 0
         shards = spec.shards
+
+        def finished() -> tuple[torch.Tensor, torch.Tensor, int] | _SlotBatch:
+            if ring:
+                return _SlotBatch(physical, slot, filled, bad, *((images, targets) if first_use else (None, None)))
+            return images[:filled], targets[:filled], bad
+
         for epoch, sample in samples:
             try:
                 image = self._image(sample, epoch)
@@ -314,16 +320,10 @@ class ShardStream(IterableDataset):
                 images[filled].copy_(torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1))
                 filled += 1
             if filled + bad == spec.batch_size:
-                if ring:
-                    yield _SlotBatch(physical, slot, filled, bad, *((images, targets) if first_use else (None, None)))
-                else:
-                    yield images[:filled], targets[:filled], bad
+                yield finished()
                 (slot, images, targets, first_use), filled, bad = next(buffers), 0, 0
         if filled or bad:
-            if ring:
-                yield _SlotBatch(physical, slot, filled, bad, *((images, targets) if first_use else (None, None)))
-            else:
-                yield images[:filled], targets[:filled], bad
+            yield finished()
 
     def _buffers(self, shared: bool) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, bool]]:
         """(slot, images, targets, first use) to fill: fresh buffers, or in a loader worker with
