@@ -1,7 +1,7 @@
 """Corpus -> WebDataset shards, as Ray Data jobs. Nothing per image is held on the driver.
 
-    index   Ray Data tasks list the corpus a unit at a time (a class folder, a row group of the label
-            table, a tar): one row per input sample with its key, where its bytes are (a file, or a
+    index   Ray Data tasks list the corpus a unit at a time (a class folder, a part of a row group
+            of the label table, a tar): one row per input sample with its key, where its bytes are (a file, or a
             byte range of a tar), its labels, its split, and ``order``, a seeded hash of the key.
     plan    a global shuffle with no global sort: the top bits of ``order`` cut the rows into
             buckets (one groupby), each sorted, cleared of repeated keys and stored as parquet by
@@ -165,10 +165,8 @@ INDEX_SCHEMA = pa.schema(
     [
         ("key", pa.string()),
         ("path", pa.string()),  # full path inside the filesystem
-        (
-            "offset",
-            pa.int64(),
-        ),  # -1: the whole file; -2: no image at all; else the byte range [offset, offset + length)
+        # -1: the whole file; -2: no image at all; else the byte range [offset, offset + length)
+        ("offset", pa.int64()),
         ("length", pa.int64()),
         ("labels", pa.list_(pa.string())),
         ("split", pa.string()),
@@ -230,8 +228,8 @@ def _folder_units(fs, root: str) -> list[dict]:
     entries = sorted((e["name"].rstrip("/"), e["type"]) for e in fs.ls(root, detail=True) if _visible(e["name"]))
     dirs = [p for p, t in entries if t == "directory"]
     names = {posixpath.basename(p) for p in dirs}
+    units = [{"kind": "files", "paths": [p for p, t in entries if t != "directory"], "split": None}]
     if names and names <= SPLIT_DIRS:
-        units = [{"kind": "files", "paths": [p for p, t in entries if t != "directory"], "split": None}]
         for split_dir in dirs:
             name = posixpath.basename(split_dir)
             split = "val" if name in ("validation", "valid") else name
@@ -240,7 +238,6 @@ def _folder_units(fs, root: str) -> list[dict]:
             units.append({"kind": "files", "paths": [p for p, t in inner if t != "directory"], "split": split})
             units += [{"kind": "dir", "path": p, "split": split} for p, t in inner if t == "directory"]
     else:
-        units = [{"kind": "files", "paths": [p for p, t in entries if t != "directory"], "split": None}]
         units += [{"kind": "dir", "path": p, "split": None} for p in dirs]
     return [u for u in units if u["kind"] == "dir" or u["paths"]]
 

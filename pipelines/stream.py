@@ -144,7 +144,7 @@ def iter_tar_samples(fileobj, skip: int = 0) -> Iterator[dict[str, bytes | str]]
             continue
         if size > MAX_MEMBER_BYTES:
             raise ShardsError(f"member {name!r} is {size} bytes, above {MAX_MEMBER_BYTES}")
-        sample[ext.lower()] = _read_exactly(fileobj, size, index)
+        sample[ext.lower()] = _read_exactly(fileobj, size)
         _skip(fileobj, -size % 512)
     if key is not None and index >= skip:
         yield sample
@@ -170,7 +170,7 @@ def _tar_members(f) -> Iterator[tuple[str, int, bool]]:
         size = _octal(header[124:136])
         kind = header[156:157]
         if kind in (b"L", b"x"):  # metadata for the next member
-            data = _read_exactly(f, size, count).rstrip(b"\0")
+            data = _read_exactly(f, size).rstrip(b"\0")
             _skip(f, -size % 512)
             if kind == b"L":
                 long_name = data.decode("utf-8", "surrogateescape")
@@ -218,10 +218,10 @@ def _pax_records(data: bytes) -> dict[str, str]:
     return records
 
 
-def _read_exactly(f, size: int, count: int) -> bytes:
+def _read_exactly(f, size: int) -> bytes:
     data = f.read(size)
     if len(data) != size:
-        raise ShardsError(f"damaged tar after {count} samples: a member cut short ({len(data)} of {size} bytes)")
+        raise ShardsError(f"damaged tar: a member cut short ({len(data)} of {size} bytes)")
     return data
 
 
@@ -231,7 +231,7 @@ def _skip(f, size: int) -> None:
     if f.seekable():
         f.seek(size, 1)  # past the data without reading it (local files and object stores alike)
     else:
-        _read_exactly(f, size, 0)
+        _read_exactly(f, size)
 
 
 @dataclass(frozen=True)
