@@ -3,6 +3,13 @@
 Checking needs a full decode (a truncated JPEG opens fine and fails only when its pixels are
 read), so the same decode also yields the perceptual hash used for de-duplication.
 
+Most inputs are plain RGB JPEGs whose bytes are kept. Those are checked by libjpeg-turbo directly
+(``simplejpeg``), decoding to luma only: every entropy-coded block of every component is still read,
+so truncation and corruption fail exactly as in a full decode, while the chroma transforms and
+Pillow's Python header parser (as costly as the decode itself for a small image) are skipped.
+Anything else, and any JPEG libjpeg-turbo complains about, takes Pillow's path, whose verdict and
+reason codes are the reference.
+
 Rejections carry a short, stable reason code (the ``reason`` column of ``rejects.parquet``):
 
 =====================  ======================================================================
@@ -23,6 +30,7 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
+import simplejpeg
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 # A truncated file must fail, never be padded with grey: keep Pillow's strict default.
@@ -30,6 +38,8 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 REJECT_REASONS = ("empty", "file-too-large", "not-an-image", "decompression-bomb", "truncated", "corrupt", "too-small")
 _EXIF_ORIENTATION = 0x0112
+_SOI, _SOS = b"\xff\xd8", 0xDA
+_STANDALONE_MARKERS = frozenset([0x01, *range(0xD0, 0xD8)])  # markers without a length field
 
 
 class RejectedImage(ValueError):
@@ -74,6 +84,11 @@ def normalize_image(data: bytes, policy: ImagePolicy = ImagePolicy(), *, with_ph
         raise RejectedImage("empty")
     if len(data) > policy.max_bytes:
         raise RejectedImage("file-too-large", f"{len(data)} bytes > {policy.max_bytes}")
+    kept = _plain_jpeg(data, policy, with_phash)
+    return kept if kept is not None else _normalize_with_pillow(data, policy, with_phash)
+
+
+def _normalize_with_pillow(data: bytes, policy: ImagePolicy, with_phash: bool) -> NormalizedImage:
     image = _open(data, policy)
     source_format, source_mode = image.format or "unknown", image.mode
     width, height = image.size
@@ -99,6 +114,57 @@ def normalize_image(data: bytes, policy: ImagePolicy = ImagePolicy(), *, with_ph
     out = io.BytesIO()
     rgb.save(out, format="JPEG", quality=policy.jpeg_quality)
     return NormalizedImage(out.getvalue(), rgb.width, rgb.height, source_format, source_mode, True, phash)
+
+
+def _plain_jpeg(data: bytes, policy: ImagePolicy, with_phash: bool) -> NormalizedImage | None:
+    """The kept-bytes verdict for a baseline or progressive RGB JPEG that needs no change, or None for
+    anything else (Pillow's path then converts, resizes or rejects it)."""
+    if not data.startswith(_SOI) or not _plain_jpeg_segments(data):
+        return None
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    limit = policy.max_pixels if not Image.MAX_IMAGE_PIXELS else min(policy.max_pixels, 2 * Image.MAX_IMAGE_PIXELS)
+    if (
+        colorspace not in ("YCbCr", "RGB")  # what Pillow opens as mode RGB; grey, CMYK, YCCK are converted
+        or width * height > limit
+        or min(width, height) < policy.min_side
+        or (policy.max_side is not None and max(width, height) > policy.max_side)
+    ):
+        return None
+    try:
+        # strict: libjpeg's warnings (premature end, corrupt data) are errors, as they are to Pillow
+        pixels = simplejpeg.decode_jpeg(data, colorspace="RGB" if with_phash else "GRAY", strict=True)
+    except ValueError:
+        return None
+    phash = _phash(Image.fromarray(pixels, "RGB")) if with_phash else None
+    return NormalizedImage(data, width, height, "JPEG", "RGB", False, phash)
+
+
+def _plain_jpeg_segments(data: bytes) -> bool:
+    """Walks the JPEG's header segments up to the scan: False when one carries EXIF (which may rotate
+    the image) or a multi-picture index (Pillow opens such a file as MPO, and it is re-encoded)."""
+    position, end = 2, len(data)
+    while position + 4 <= end:
+        if data[position] != 0xFF:
+            return False  # not a marker where one must be: let Pillow name the problem
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+            continue
+        if marker == _SOS:
+            return True
+        if marker in _STANDALONE_MARKERS:
+            position += 2
+            continue
+        length = int.from_bytes(data[position + 2 : position + 4], "big")
+        if marker == 0xE1 and data[position + 4 : position + 10] == b"Exif\0\0":
+            return False
+        if marker == 0xE2 and data[position + 4 : position + 8] == b"MPF\0":
+            return False
+        position += 2 + length
+    return False
 
 
 def _open(data: bytes, policy: ImagePolicy) -> Image.Image:

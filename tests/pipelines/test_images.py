@@ -166,3 +166,55 @@ def test_perceptual_hash_finds_near_duplicates():
         return bin((a ^ b) & (2**64 - 1)).count("1")
 
     assert distance(h0, h1) <= 6 < distance(h0, h2)
+
+
+def _jpeg_variants() -> dict[str, bytes]:
+    exif = Image.Exif()
+    exif[0x0112] = 1  # upright: still Pillow's path, which reads it
+    return {
+        "baseline": encode(photo(size=(72, 56)), "JPEG", quality=85),
+        "progressive": encode(photo(size=(72, 56), seed=3), "JPEG", progressive=True),
+        "4:4:4": encode(photo(size=(40, 72), seed=4), "JPEG", subsampling=0),
+        "restart-markers": encode(photo(size=(64, 64), seed=5), "JPEG", restart_marker_blocks=2),
+        "exif-upright": encode(photo(size=(48, 48), seed=6), "JPEG", exif=exif.tobytes()),
+        "grayscale": encode(photo(mode="L"), "JPEG"),
+        "cmyk": encode(photo(mode="CMYK"), "JPEG"),
+    }
+
+
+def test_plain_rgb_jpegs_take_the_libjpeg_turbo_check_and_the_rest_pillow():
+    from pipelines.images import _plain_jpeg
+
+    taken = {name for name, data in _jpeg_variants().items() if _plain_jpeg(data, ImagePolicy(), False)}
+    assert taken == {"baseline", "progressive", "4:4:4", "restart-markers"}
+    assert _plain_jpeg(_jpeg_variants()["baseline"], ImagePolicy(max_side=64), False) is None  # needs a resize
+
+
+def test_the_fast_jpeg_check_and_pillow_agree_on_damaged_files():
+    """Every verdict (kept, re-encoded, or rejected and why) of the libjpeg-turbo check is the one
+    Pillow alone gives, over truncations, flipped bytes and cut-out runs of each kind of JPEG."""
+    from pipelines.images import _normalize_with_pillow
+
+    def verdict(check, data: bytes):
+        try:
+            out = check(data)
+        except RejectedImage as err:
+            return err.reason
+        return (out.data == data, out.width, out.height, out.source_format, out.source_mode, out.phash)
+
+    rng = np.random.default_rng(0)
+    verdicts = []
+    for data in _jpeg_variants().values():
+        for trial in range(40):
+            damaged = bytearray(data)
+            at = int(rng.integers(2, len(data) - 12))
+            if trial % 3 == 0:
+                damaged = damaged[:at]
+            elif trial % 3 == 1:
+                damaged[at] ^= int(rng.integers(1, 256))
+            else:
+                del damaged[at : at + int(rng.integers(1, 12))]
+            fast = verdict(lambda d: normalize_image(d, with_phash=True), bytes(damaged))
+            assert fast == verdict(lambda d: _normalize_with_pillow(d, ImagePolicy(), True), bytes(damaged))
+            verdicts.append(fast if isinstance(fast, str) else "kept" if fast[0] else "re-encoded")
+    assert {"truncated", "kept", "re-encoded"} <= set(verdicts)  # the cases exercised both paths
