@@ -279,6 +279,52 @@ def test_label_table_multi_label_with_bad_rows(tmp_path):
         assert meta["label_ids"] == [CLASSES.index(n) for n in meta["labels"]]
 
 
+LABEL_COLUMNS = {
+    "names": ["circle", None, "stripes"],
+    "ids": [0, 5, None, -1, 2],
+    "id-lists": [[0, 1], [], None, [7, None, 2]],
+    "name-lists": [["circle", "square"], [], None, ["stripes", None]],
+    "floats": [1.0, float("nan"), None],  # a CSV id column with a gap: row by row
+    "small-ints": [0, 1, 2],
+}
+
+
+@pytest.mark.parametrize("values", LABEL_COLUMNS.values(), ids=LABEL_COLUMNS.keys())
+@pytest.mark.parametrize("classes", [list(CLASSES), None], ids=["with-classes", "no-classes"])
+def test_label_columns_are_read_in_arrow_as_row_by_row(values, classes):
+    import pyarrow as pa
+
+    from pipelines.shard import _as_label_names, _label_names
+
+    kind = pa.int8() if values is LABEL_COLUMNS["small-ints"] else pa.array(values).type
+    column = pa.chunked_array([pa.array(values[:2], kind), pa.array(values[2:], kind)])
+    names = _label_names(column, classes)
+    names = names.to_pylist() if isinstance(names, pa.Array) else names
+    assert names == [_as_label_names(v, classes) for v in column.to_pylist()]
+
+
+def test_keys_from_paths_in_arrow_as_one_by_one():
+    import pyarrow as pa
+
+    from pipelines.shard import _key_from_path, _keys_from_paths
+
+    paths = [
+        "a/b.jpg",
+        "a.b/c",
+        "x/.hidden",
+        "a.b.c",
+        "sub dir/ümlaut é.png",
+        "noext",
+        "",
+        "a/b.",
+        "n/日本.jpg",
+        "q;x.JPEG",
+    ]
+    keys = _keys_from_paths(pa.array(paths))
+    assert keys == [_key_from_path(p) for p in paths]
+    assert "a__b" in keys and "sub_dir___mlaut__" in keys  # one "_" per character, not per byte
+
+
 def test_reshard_existing_tars(tmp_path):
     src, first, second = tmp_path / "src", tmp_path / "first", tmp_path / "second"
     count = write_folder_corpus(src, per_class=10)
