@@ -715,6 +715,10 @@ class ShardWriter:
     def _read(self, fs, rows: list[dict]) -> Iterator[tuple[dict, bytes | Exception]]:
         """Bytes of each row, fetched concurrently in chunks (S3 latency hides behind the decode)."""
         chunk = 64
+        if isinstance(fs, LocalFileSystem):  # no latency to hide: a thread would only contend for the GIL
+            for start in range(0, len(rows), chunk):
+                yield from zip(rows[start : start + chunk], self._fetch(fs, rows[start : start + chunk]))
+            return
         with ThreadPoolExecutor(1) as pool:
             future = pool.submit(self._fetch, fs, rows[:chunk])
             for start in range(0, len(rows), chunk):
