@@ -139,32 +139,32 @@ def image_files(corpus: Path) -> list[Path]:
 # ---------------------------------------------------------------------------------------------- workers
 
 
-def worker_decode(corpus: Path) -> dict:
-    from PIL import Image
-
+def _per_file(corpus: Path, check) -> dict:
+    """One process reading every file of the corpus and calling ``check(path, data)`` on it."""
     files = image_files(corpus)
     start = time.perf_counter()
     total = 0
     for path in files:
         data = path.read_bytes()
         total += len(data)
+        check(path, data)
+    return {"images": len(files), "bytes": total, "seconds": time.perf_counter() - start}
+
+
+def worker_decode(corpus: Path) -> dict:
+    from PIL import Image
+
+    def decode(path: Path, _data: bytes) -> None:
         with Image.open(path) as image:
             image.load()
-    seconds = time.perf_counter() - start
-    return {"images": len(files), "bytes": total, "seconds": seconds}
+
+    return _per_file(corpus, decode)
 
 
 def worker_check(corpus: Path) -> dict:
     from pipelines.images import normalize_image
 
-    files = image_files(corpus)
-    start = time.perf_counter()
-    total = 0
-    for path in files:
-        data = path.read_bytes()
-        total += len(data)
-        normalize_image(data)
-    return {"images": len(files), "bytes": total, "seconds": time.perf_counter() - start}
+    return _per_file(corpus, lambda _path, data: normalize_image(data))
 
 
 def worker_tar(corpus: Path, out: Path) -> dict:
