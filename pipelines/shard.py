@@ -179,7 +179,9 @@ def _shard_name(split: str, index: int) -> str:
 INDEX_SCHEMA = pa.schema(
     [
         ("key", pa.string()),
-        ("path", pa.string()),  # full path inside the filesystem
+        # full path inside the filesystem; null when it is the plan's ``path_base`` joined with ``source``
+        # (every file of a folder or label-table source: a quarter of the index's bytes saved)
+        ("path", pa.string()),
         # -1: the whole file; -2: no image at all; else the byte range [offset, offset + length)
         ("offset", pa.int64()),
         ("length", pa.int64()),
@@ -322,7 +324,7 @@ def _index_unit(batch: pa.Table, cfg: ShardConfig, root: str, classes: list[str]
         depth = 1 if split else 0
         labels = [[r.split("/")[depth]] if r.count("/") > depth else [] for r in rels]
         keys = _keys_from_paths(pa.array(rels, pa.string()))
-        yield _index_table(keys, chunk, labels, [split] * len(chunk), rels, cfg, first + start)
+        yield _index_table(keys, None, labels, [split] * len(chunk), rels, cfg, first + start)
 
 
 def _index_table(
@@ -338,7 +340,7 @@ def _index_table(
     return pa.table(
         {
             "key": keys,
-            "path": paths,
+            "path": paths if paths is not None else pa.nulls(n, pa.string()),
             "offset": offsets if offsets is not None else [-1] * n,
             "length": lengths if lengths is not None else [-1] * n,
             "labels": labels,
@@ -384,13 +386,14 @@ def _table_chunks(fs, url: str, part: list[int] | None, cfg: ShardConfig) -> Ite
 def _label_table_rows(table: pa.Table, url: str, cfg: ShardConfig, classes: list[str] | None, first: int) -> pa.Table:
     import pyarrow.compute as pc
 
-    base = posixpath.dirname(url)
     rels = table.column(cfg.path_column).combine_chunks().cast(pa.string()).fill_null("")
-    full = pc.if_else(
-        pc.match_substring(rels, "://"),
-        pc.replace_substring_regex(rels, pattern="^.*?://", replacement="", max_replacements=1),
-        pc.binary_join_element_wise(base, rels, "/"),
-    )
+    # a path with a protocol is kept (without it); any other is the table's folder joined with it
+    has_protocol = pc.match_substring(rels, "://")
+    if pc.any(has_protocol).as_py():
+        stripped = pc.replace_substring_regex(rels, pattern="^.*?://", replacement="", max_replacements=1)
+        full = pc.if_else(has_protocol, stripped, pa.scalar(None, pa.string()))
+    else:  # a bare null column: if_else's result would still carry the other branch's bytes
+        full = pa.nulls(len(rels), pa.string())
     labels = _label_names(table.column(cfg.label_column), classes)
     if cfg.key_column:
         keys = _safe_keys(table.column(cfg.key_column).combine_chunks().cast(pa.string()).fill_null("None"))
@@ -635,8 +638,10 @@ def _member(name: str, data: bytes) -> bytes:
 class ShardWriter:
     """The per-shard task: called by Ray Data with one row per shard: its split, index, rank range and buckets."""
 
-    def __init__(self, cfg: ShardConfig, class_ids: dict[str, int], single_label: bool, eval_index):
-        self.cfg, self.class_ids, self.single_label, self.eval_index = cfg, class_ids, single_label, eval_index
+    def __init__(self, cfg: ShardConfig, plan: dict, eval_index):
+        self.cfg, self.plan, self.eval_index = cfg, plan, eval_index
+        self.class_ids = {name: i for i, name in enumerate(plan["classes"])}
+        self.single_label = plan["single_label"]
         self.policy = cfg.image_policy()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -644,7 +649,8 @@ class ShardWriter:
         fs, dst = _fs(cfg.dst, cfg.storage_options)
         split, index = batch.column("split")[0].as_py(), int(batch.column("shard")[0].as_py())
         lo, hi = int(batch.column("lo")[0].as_py()), int(batch.column("hi")[0].as_py())
-        rows = _shard_members(fs, dst, split, lo, hi, json.loads(batch.column("buckets")[0].as_py()))
+        buckets = json.loads(batch.column("buckets")[0].as_py())
+        rows = _shard_members(fs, dst, split, lo, hi, buckets, self.plan.get("path_base", ""))
         name = _shard_name(split, index)
         tmp = f"{dst}/{WORK_DIR}/tmp/{name}.{uuid.uuid4().hex}"
         rejects: list[dict] = []
@@ -914,6 +920,7 @@ def _make_plan(kind: str, src_fs, src: str, cfg: ShardConfig, classes_in: list[s
     if dst_fs.exists(f"{dst}/{WORK_DIR}/{PLAN_DIR}"):  # an interrupted plan: start it over
         dst_fs.rm(f"{dst}/{WORK_DIR}/{PLAN_DIR}", recursive=True)
     units = _listing_units(kind, src_fs, src, cfg)
+    path_base = _path_base(kind, src_fs, src, cfg)
     if not units:
         raise ShardError(f"no samples found in {cfg.src}")
     if len(units) >= 2**31:
@@ -964,7 +971,7 @@ def _make_plan(kind: str, src_fs, src: str, cfg: ShardConfig, classes_in: list[s
     if cfg.shard_samples:
         samples_per_shard = cfg.shard_samples
     else:
-        mean = known_bytes / known_count if known_count else _mean_file_size(dst_fs, dst, src_fs, counts)
+        mean = known_bytes / known_count if known_count else _mean_file_size(dst_fs, dst, src_fs, counts, path_base)
         samples_per_shard = max(1, int(cfg.shard_bytes // (mean + 1536)))  # + tar headers and the json sidecar
     buckets = {}
     for split, per_bucket in counts.items():
@@ -981,10 +988,11 @@ def _make_plan(kind: str, src_fs, src: str, cfg: ShardConfig, classes_in: list[s
         "sizes": sizes,
         "num_shards": {split: -(-n // samples_per_shard) for split, n in sizes.items()},
         "buckets": buckets,
+        "path_base": path_base,
     }
 
 
-def _mean_file_size(dst_fs, dst: str, src_fs, counts: dict[str, dict[int, int]]) -> float:
+def _mean_file_size(dst_fs, dst: str, src_fs, counts: dict[str, dict[int, int]], path_base: str) -> float:
     """Mean input size from up to 256 files of the first bucket (a uniform sample: buckets are hash ranges)."""
     import pyarrow.parquet as pq
 
@@ -992,7 +1000,8 @@ def _mean_file_size(dst_fs, dst: str, src_fs, counts: dict[str, dict[int, int]])
         return 100_000.0
     bucket = min(b for per_bucket in counts.values() for b in per_bucket)
     with dst_fs.open(_bucket_path(dst, bucket), "rb") as f:
-        paths = pq.read_table(f, columns=["path"]).column("path").to_pylist()[:256]
+        rows = _with_paths(pq.read_table(f, columns=["path", "source"]).slice(0, 256).to_pylist(), path_base)
+    paths = [row["path"] for row in rows]
     sizes = [src_fs.size(p) for p in paths if src_fs.exists(p)]
     return float(np.mean(sizes)) if sizes else 100_000.0
 
@@ -1017,7 +1026,19 @@ def _shard_work(plan: dict, done: set[tuple[str, int]]) -> list[dict]:
     return work
 
 
-def _shard_members(fs, dst: str, split: str, lo: int, hi: int, buckets: list[list[int]]) -> list[dict]:
+def _path_base(kind: str, fs, root: str, cfg: ShardConfig) -> str:
+    """What an index row's ``source`` is relative to when its ``path`` is left null."""
+    return posixpath.dirname(_label_table_url(fs, root, cfg)) if kind == "table" else root
+
+
+def _with_paths(rows: list[dict], path_base: str) -> list[dict]:
+    for row in rows:
+        if row["path"] is None:
+            row["path"] = f"{path_base}/{row['source']}"
+    return rows
+
+
+def _shard_members(fs, dst: str, split: str, lo: int, hi: int, buckets: list[list[int]], path_base: str) -> list[dict]:
     """The index rows of ranks [lo, hi) of ``split``, in shuffle order."""
     import pyarrow.parquet as pq
 
@@ -1026,7 +1047,7 @@ def _shard_members(fs, dst: str, split: str, lo: int, hi: int, buckets: list[lis
         where = [("split", "==", split), ("local_rank", ">=", lo - start), ("local_rank", "<", hi - start)]
         with fs.open(_bucket_path(dst, bucket), "rb") as f:
             parts.append(pq.read_table(f, filters=where))
-    return pa.concat_tables(parts).to_pylist()  # buckets are consecutive ranges of the order
+    return _with_paths(pa.concat_tables(parts).to_pylist(), path_base)  # buckets: consecutive ranges of the order
 
 
 def shard_corpus(cfg: ShardConfig, *, overwrite: bool = False, progress: bool = False, log=print) -> ShardSummary:
@@ -1098,13 +1119,12 @@ def shard_corpus(cfg: ShardConfig, *, overwrite: bool = False, progress: bool = 
     if work:
         import ray.data
 
-        class_ids = {name: i for i, name in enumerate(plan["classes"])}
         ds = ray.data.from_items(work, override_num_blocks=len(work))
         # Tasks, not actors: they run in the same worker processes as the index tasks before them, so a
         # run holds as many processes as CPUs whatever the corpus size.
         results = ds.map_batches(
             _write_shard,
-            fn_kwargs={"writer": ShardWriter(cfg, class_ids, plan["single_label"], eval_index)},
+            fn_kwargs={"writer": ShardWriter(cfg, plan, eval_index)},
             batch_size=1,
             batch_format="pyarrow",
         )

@@ -279,6 +279,24 @@ def test_label_table_multi_label_with_bad_rows(tmp_path):
         assert meta["label_ids"] == [CLASSES.index(n) for n in meta["labels"]]
 
 
+def test_label_table_rows_with_and_without_a_protocol(tmp_path):
+    """Relative rows are read from the table's folder; rows that are URLs are read where they point."""
+    src, dst = tmp_path / "src", tmp_path / "shards"
+    (src / "img").mkdir(parents=True)
+    rows = []
+    for i in range(6):
+        (src / "img" / f"{i:04d}.jpg").write_bytes(jpeg(picture(CLASSES[i % 3], i)))
+        path = f"img/{i:04d}.jpg" if i < 3 else f"file://{src}/img/{i:04d}.jpg"
+        rows.append({"path": path, "label": CLASSES[i % 3]})
+    (src / "labels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = shard_corpus(
+        ShardConfig(src=str(src), dst=str(dst), shard_samples=4, label_column="label"), log=lambda *_: None
+    )
+    assert summary.written == 6 and summary.rejected_by_reason == {}
+    sources = sorted(json.loads(s["json"])["source"] for s in read_tars(dst).values())
+    assert sources == sorted(r["path"] for r in rows)
+
+
 LABEL_COLUMNS = {
     "names": ["circle", None, "stripes"],
     "ids": [0, 5, None, -1, 2],
