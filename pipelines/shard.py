@@ -829,9 +829,9 @@ MANIFEST_SCHEMA = pa.schema(
 # few bucket files that cover them.
 
 PLAN_DIR = "plan"
-_BUCKET_ROWS = (
-    65_536  # smallest bucket worth its shuffle tasks (100k rows: 2.3 s to plan in 16 buckets, 0.4 s in 2) ...
-)
+# Buckets of at least this many rows: each costs the shuffle tasks (100k rows took 2.3 s to plan in 16
+# buckets, 0.4 s in 2) ...
+_BUCKET_ROWS = 65_536
 _MAX_BUCKETS = 4_096  # ... and at most this many, so the driver's per-bucket counts stay small
 
 
