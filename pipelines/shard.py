@@ -920,9 +920,10 @@ def _make_plan(kind: str, src_fs, src: str, cfg: ShardConfig, classes_in: list[s
     if dst_fs.exists(f"{dst}/{WORK_DIR}/{PLAN_DIR}"):  # an interrupted plan: start it over
         dst_fs.rm(f"{dst}/{WORK_DIR}/{PLAN_DIR}", recursive=True)
     units = _listing_units(kind, src_fs, src, cfg)
-    path_base = _path_base(kind, src_fs, src, cfg)
     if not units:
         raise ShardError(f"no samples found in {cfg.src}")
+    # what a row's source is relative to when its path is left null: the label table's folder, or SRC
+    path_base = posixpath.dirname(units[0]["path"]) if kind == "table" else src
     if len(units) >= 2**31:
         raise ShardError(f"{len(units):,} listing units is more than the index can number")
     items = [{"unit": i, "spec": json.dumps(u)} for i, u in enumerate(units)]
@@ -1024,11 +1025,6 @@ def _shard_work(plan: dict, done: set[tuple[str, int]]) -> list[dict]:
                 j += 1
             work.append({"split": split, "shard": index, "lo": lo, "hi": hi, "buckets": json.dumps(covering)})
     return work
-
-
-def _path_base(kind: str, fs, root: str, cfg: ShardConfig) -> str:
-    """What an index row's ``source`` is relative to when its ``path`` is left null."""
-    return posixpath.dirname(_label_table_url(fs, root, cfg)) if kind == "table" else root
 
 
 def _with_paths(rows: list[dict], path_base: str) -> list[dict]:
