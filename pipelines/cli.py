@@ -40,8 +40,6 @@ def run_command(config: str | None, overrides: tuple[str, ...], start_from: str 
 
     OVERRIDES are dotted settings, e.g. ``pretrain.steps=600 finetune.optim.lr=0.05 workdir=/tmp/demo``.
     """
-    import tempfile
-
     from pipelines.tracking import TrackingError
     from pipelines.workflow import LOCAL_CONFIG, PipelineConfig, StepFailedError, run_pipeline
 
@@ -52,12 +50,11 @@ def run_command(config: str | None, overrides: tuple[str, ...], start_from: str 
             text = os.environ.get(config.removeprefix("env:"))
             if text is None:
                 raise ConfigError(f"{config}: the environment variable is not set")
-            with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
-                handle.write(text)
-            config = handle.name
+            cfg = load_config(PipelineConfig, overrides=overrides, text=text)
         elif config is not None and not os.path.isfile(config):
             raise ConfigError(f"{config}: no such config file")
-        cfg = load_config(PipelineConfig, config or LOCAL_CONFIG, overrides)
+        else:
+            cfg = load_config(PipelineConfig, config or LOCAL_CONFIG, overrides)
     except ConfigError as err:
         _fail(str(err))
     started = time.perf_counter()

@@ -24,17 +24,22 @@ class ConfigError(ValueError):
     """A config value that does not fit its field; the message starts with the dotted field name."""
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
-    """Defaults of ``cls``, updated by the YAML file at ``path``, then by ``key.sub=value`` overrides."""
+def load_config(
+    cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = (), *, text: str | None = None
+) -> T:
+    """Defaults of ``cls``, updated by the YAML file at ``path`` (or the YAML ``text``), then by ``key.sub=value``
+    overrides."""
     data: dict = {}
-    if path is not None:
-        text = Path(path).read_text()
+    if path is not None or text is not None:
+        where = path if text is None else "the config text"
+        if text is None:
+            text = Path(path).read_text()
         try:
             loaded = yaml.safe_load(text)
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from err
+            raise ConfigError(f"{where}: not valid YAML: {err}") from err
         if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level, got {type(loaded).__name__}")
+            raise ConfigError(f"{where}: expected a mapping at the top level, got {type(loaded).__name__}")
         data = loaded or {}
     data = apply_overrides(data, overrides)
     return from_dict(cls, data)
@@ -74,9 +79,18 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as err:
-        if isinstance(err, ConfigError):
-            raise
+        # A config's own checks (``__post_init__``) say "field: problem": prefixed here, the message names the
+        # full field (``pretrain.optim.warmup_steps: ...``) wherever the config sits in a bigger one.
+        field_name = str(err).split(":", 1)[0].split(".", 1)[0]
+        if isinstance(err, ValueError) and field_name in fields:
+            raise ConfigError(f"{prefix}{err}") from None
         raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {err}") from err
+
+
+def check(condition: bool, message: str) -> None:
+    """For ``__post_init__``: ``message`` starts with the field it is about (``"lr: must be positive"``)."""
+    if not condition:
+        raise ConfigError(message)
 
 
 def _over_default(field: dataclasses.Field, value: Any) -> Any:
@@ -111,7 +125,10 @@ def to_dict(obj: Any) -> Any:
 
 
 def dump_config(obj: Any) -> str:
-    return yaml.safe_dump(to_dict(obj), sort_keys=False)
+    """The config as YAML, as written anywhere outside the process: credentials redacted."""
+    from pipelines.redaction import redact
+
+    return yaml.safe_dump(redact(to_dict(obj)), sort_keys=False)
 
 
 def _coerce(tp: Any, value: Any, name: str) -> Any:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 import vit
+from pipelines.config import check
 from pipelines.stream import ShardSet, StreamSpec, make_loader, open_shards, read_classes
 from pipelines.tracking import Tracker, TrackingConfig, dataset_fingerprint
 from pipelines.train import local_weights, resolve_weights
@@ -38,6 +39,15 @@ class EvaluateConfig:
     loader_workers: int = 2
     storage_options: dict = field(default_factory=dict)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        check(self.batch_size >= 1, f"batch_size: must be at least 1, got {self.batch_size}")
+        check(self.loader_workers >= 0, f"loader_workers: must not be negative, got {self.loader_workers}")
+        check(all(k >= 1 for k in self.shots), f"shots: every shot count must be at least 1, got {self.shots}")
+        check(
+            self.fewshot_val_per_class >= 0,
+            f"fewshot_val_per_class: must not be negative, got {self.fewshot_val_per_class}",
+        )
 
 
 MAX_CONFUSION_CLASSES = 1000  # a confusion matrix of JFT's 18k classes would be 2.6 GB of counts

@@ -23,13 +23,16 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
+
+from pipelines.redaction import redact
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 KEY_TAG = "vit.key"  # what a run is found again by: a training's run folder, an evaluation's fingerprint
-SECRET_FIELDS = ("storage_options",)  # config sections that may hold credentials: never logged as params
+NOT_PARAMS = ("storage_options",)  # where data lives and how to reach it, not how a model was trained
 _BATCH = 1000  # MLflow takes at most 1000 metrics per log_batch
 
 
@@ -56,11 +59,20 @@ def tracking_uri(cfg: TrackingConfig) -> str:
     return uri
 
 
+def local_artifact_location(sqlite_uri: str) -> str:
+    """``sqlite:////home/alice/proj/mlflow.db`` -> ``file:///home/alice/proj/mlartifacts``.
+
+    Built by ``Path.as_uri``: a hand-joined ``file://`` + ``//home/...`` is read by MLflow as host ``home`` and
+    path ``/alice/proj/...``, which lands the artifacts outside the project (at the filesystem root)."""
+    database = Path(sqlite_uri.removeprefix("sqlite:///"))
+    return (database.resolve().parent / "mlartifacts").as_uri()
+
+
 def flatten(config: dict, prefix: str = "") -> dict[str, str]:
-    """``{"optim": {"lr": 0.1}}`` -> ``{"optim.lr": "0.1"}``, without the sections that may hold secrets."""
+    """``{"optim": {"lr": 0.1}}`` -> ``{"optim.lr": "0.1"}``, without storage options and secrets."""
     flat: dict[str, str] = {}
-    for key, value in config.items():
-        if key in SECRET_FIELDS:
+    for key, value in redact(config, drop=True).items():
+        if key in NOT_PARAMS:
             continue
         name = f"{prefix}{key}"
         if isinstance(value, dict) and value:
@@ -108,10 +120,16 @@ class Tracker:
     def _experiment(self, name: str) -> str:
         found = self.client.get_experiment_by_name(name)
         if found is not None:
+            if found.artifact_location.startswith("file:////"):  # made by an older version: see local_artifact_location
+                log.warning(
+                    "experiment %r of %s keeps its artifacts at %s, which MLflow reads as a path under the "
+                    "filesystem root; pick a new experiment name (tracking.experiment) to keep them beside the store",
+                    name, self.uri, found.artifact_location,
+                )  # fmt: skip
             return found.experiment_id
         location = None
         if self.uri.startswith("sqlite:///"):  # a local store keeps its artifacts beside the database
-            location = "file://" + os.path.join(os.path.dirname(self.uri.removeprefix("sqlite://")), "mlartifacts")
+            location = local_artifact_location(self.uri)
         try:
             return self.client.create_experiment(name, artifact_location=location)
         except Exception:
@@ -213,7 +231,7 @@ class Tracker:
         from mlflow.data.meta_dataset import MetaDataset
         from mlflow.entities import DatasetInput, InputTag
 
-        source_url = url if "://" in url else "file://" + os.path.abspath(url)
+        source_url = url if "://" in url else Path(url).resolve().as_uri()
         with warnings.catch_warnings():  # "can be interpreted in multiple ways": every reading is the same here
             warnings.simplefilter("ignore", UserWarning)
             source = resolve_dataset_source(source_url)

@@ -33,7 +33,8 @@ import torch.distributed as dist
 from torch import nn
 
 import vit
-from pipelines.config import ConfigError, from_dict, to_dict
+from pipelines.config import ConfigError, check, from_dict, to_dict
+from pipelines.redaction import redact
 from pipelines.stream import ShardSet, StreamSpec, make_loader, open_shards, read_info
 from pipelines.tracking import LiveMetrics, LiveTarget, Tracker, TrackingConfig, metrics_of
 from vit.data import build_transform, normalize
@@ -75,6 +76,13 @@ class DataConfig:
     shuffle_block: int = 2048  # samples shuffled together as they stream in
     storage_options: dict = field(default_factory=dict)  # fsspec options for the shards (S3 endpoint, keys)
 
+    def __post_init__(self) -> None:
+        check(self.image_size >= 1, f"image_size: must be at least 1, got {self.image_size}")
+        check(self.resize_size is None or self.resize_size >= self.image_size,
+              f"resize_size: {self.resize_size} is smaller than image_size {self.image_size}")  # fmt: skip
+        check(self.loader_workers >= 0, f"loader_workers: must not be negative, got {self.loader_workers}")
+        check(self.shuffle_block >= 1, f"shuffle_block: must be at least 1, got {self.shuffle_block}")
+
 
 @dataclass(kw_only=True)
 class ScaleConfig:
@@ -86,6 +94,10 @@ class ScaleConfig:
     precision: Precision = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile each encoder block
+
+    def __post_init__(self) -> None:
+        check(self.num_workers >= 1, f"num_workers: must be at least 1, got {self.num_workers}")
+        check(self.cpus_per_worker > 0, f"cpus_per_worker: must be positive, got {self.cpus_per_worker}")
 
 
 @dataclass(kw_only=True)
@@ -122,13 +134,36 @@ class TrainConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
+        """Every check that needs no data, so `vit run`, `vit pretrain` and `vit submit` refuse the same mistake
+        with the same message before any work (the loader prefixes the section: ``pretrain.batch_size: ...``)."""
         for name in ("batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.steps is None and self.epochs is None:
-            raise ValueError("steps or epochs must be given")
-        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+            check(getattr(self, name) >= 1, f"{name}: must be at least 1, got {getattr(self, name)}")
+        for name in ("steps", "eval_every", "eval_batch_size", "halt_after_steps", "micro_batch_size"):
+            value = getattr(self, name)
+            check(value is None or value >= 1, f"{name}: must be at least 1 (or null), got {value}")
+        check(self.max_failures >= 0, f"max_failures: must not be negative, got {self.max_failures}")
+        check(self.steps is not None or self.epochs is not None, "steps: steps or epochs must be given")
+        check(self.epochs is None or self.epochs > 0, f"epochs: must be positive, got {self.epochs}")
+        check(
+            self.ema_decay is None or 0.0 < self.ema_decay < 1.0, f"ema_decay: must be in (0, 1), got {self.ema_decay}"
+        )
+        if self.model is not None:
+            try:
+                vit.model_config(self.model)
+            except ValueError as err:
+                raise ConfigError(f"model: {err}") from None
+        workers = self.scale.num_workers
+        check(
+            self.batch_size % workers == 0,
+            f"batch_size: {self.batch_size} does not split evenly over {workers} workers (scale.num_workers)",
+        )
+        per_worker = self.batch_size // workers
+        check(
+            per_worker % (self.micro_batch_size or per_worker) == 0,
+            f"micro_batch_size: {self.micro_batch_size} does not divide the {per_worker} images per worker and step",
+        )
+        if self.steps is not None:  # with epochs, the step count follows from the shards: checked in plan_training
+            check_warmup(self.optim.warmup_steps, self.steps)
 
 
 @dataclass(kw_only=True)
@@ -154,6 +189,11 @@ class FinetuneConfig(TrainConfig):
     batch_size: int = 512
     steps: int | None = 10_000
     epochs: float | None = None
+
+
+def check_warmup(warmup_steps: int, steps: int) -> None:
+    message = f"optim.warmup_steps: {warmup_steps} warmup steps of a {steps}-step run (warmup must end before it)"
+    check(warmup_steps < steps or steps == 1, message)
 
 
 CONFIGS: dict[str, type[TrainConfig]] = {"pretrain": PretrainConfig, "finetune": FinetuneConfig}
@@ -200,11 +240,6 @@ def plan_training(cfg: TrainConfig) -> _Plan:
         raise ConfigError("init_from: fine-tuning needs the weights to start from (a run, checkpoint or file)")
     if cfg.model is None and cfg.init_from is None:
         raise ConfigError("model: no model given and no init_from to take one from")
-    if cfg.model is not None:
-        try:
-            vit.model_config(cfg.model)
-        except ValueError as err:
-            raise ConfigError(f"model: {err}") from None
     info = read_info(cfg.data.shards, cfg.data.storage_options)
     train = open_shards(cfg.data.shards, cfg.data.train_split, cfg.data.storage_options)
     eval_split = cfg.data.eval_split
@@ -213,18 +248,12 @@ def plan_training(cfg: TrainConfig) -> _Plan:
     elif eval_split is not None and eval_split not in info.get("splits", {}):
         raise ConfigError(f"data.eval_split: the shards have no split {eval_split!r}")
 
-    workers = cfg.scale.num_workers
-    if cfg.batch_size % workers:
-        raise ConfigError(f"batch_size: {cfg.batch_size} does not split evenly over {workers} workers")
-    per_worker = cfg.batch_size // workers
+    per_worker = cfg.batch_size // cfg.scale.num_workers  # divisibility: checked by the config itself
     micro = cfg.micro_batch_size or per_worker
-    if per_worker % micro:
-        raise ConfigError(f"micro_batch_size: {micro} does not divide the {per_worker} images per worker and step")
     steps = cfg.steps if cfg.steps is not None else math.ceil(cfg.epochs * train.samples / cfg.batch_size)
     if steps < 1:
         raise ConfigError("steps: the run would take no steps")
-    if cfg.optim.warmup_steps >= steps and steps > 1:
-        raise ConfigError(f"optim.warmup_steps: {cfg.optim.warmup_steps} warmup steps of a {steps}-step run")
+    check_warmup(cfg.optim.warmup_steps, steps)
     name = cfg.name or f"{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
     config = to_dict(cfg)
     # Workers run in folders of their own: every local path they are given must be absolute.
@@ -726,7 +755,7 @@ class _Loop:
                     "world_size": self.world,
                     "segments": self.segments,
                     "eval": self.eval_metrics,
-                    "config": self.plan.config,
+                    "config": redact(self.plan.config),  # the workers need the credentials; storage does not
                 }
                 (folder / STATE_FILE).write_text(json.dumps(trainer_state, indent=1))
                 (folder / HISTORY_FILE).write_text("".join(json.dumps(r) + "\n" for r in self.history))

@@ -17,6 +17,7 @@ In MLflow the pipeline is a parent run, with a child run per step that did work.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -30,7 +31,7 @@ from typing import Any, Literal
 
 import fsspec
 
-from pipelines.config import ConfigError, to_dict
+from pipelines.config import ConfigError, check, to_dict
 from pipelines.evaluate import EvaluateConfig, run_evaluation
 from pipelines.tracking import Tracker, TrackingConfig
 from pipelines.train import FinetuneConfig, PretrainConfig, run_training
@@ -64,6 +65,10 @@ class DatasetConfig:
     synth: SynthCorpusConfig = field(default_factory=SynthCorpusConfig)  # when source is "synth"
     storage_options: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        check(self.shard_samples >= 1, f"shard_samples: must be at least 1, got {self.shard_samples}")
+        check(0.0 <= self.val_fraction < 1.0, f"val_fraction: must be in [0, 1), got {self.val_fraction}")
+
 
 @dataclass(kw_only=True)
 class EvaluateStepConfig:
@@ -71,6 +76,11 @@ class EvaluateStepConfig:
     shots: list[int] = field(default_factory=lambda: [1, 5, 10, 25])
     batch_size: int = 128
     loader_workers: int = 0
+
+    def __post_init__(self) -> None:
+        check(self.batch_size >= 1, f"batch_size: must be at least 1, got {self.batch_size}")
+        check(self.loader_workers >= 0, f"loader_workers: must not be negative, got {self.loader_workers}")
+        check(all(k >= 1 for k in self.shots), f"shots: every shot count must be at least 1, got {self.shots}")
 
 
 @dataclass(kw_only=True)
@@ -126,26 +136,8 @@ def run_pipeline(
 
 def _check(cfg: PipelineConfig) -> None:
     """Settings that would fail minutes in fail now, each naming its field."""
-    import vit
-
-    for section in ("pretrain", "finetune"):
-        train = getattr(cfg, section)
-        if train is None:
-            continue
-        if train.model is not None:
-            try:
-                vit.model_config(train.model)
-            except ValueError as err:
-                raise ConfigError(f"{section}.model: {err}") from None
-        workers = train.scale.num_workers
-        if train.batch_size % workers:
-            raise ConfigError(f"{section}.batch_size: {train.batch_size} does not split evenly over {workers} workers")
-        per_worker = train.batch_size // workers
-        if train.micro_batch_size and per_worker % train.micro_batch_size:
-            raise ConfigError(
-                f"{section}.micro_batch_size: {train.micro_batch_size} does not divide the {per_worker} images "
-                "per worker and step"
-            )
+    # Each section checks its own fields when it is built (TrainConfig.__post_init__ and the like); what is left
+    # here spans sections.
     if cfg.pretrain is None and not cfg.finetune.init_from:
         raise ConfigError("finetune.init_from: with no pretrain step, fine-tuning needs weights to start from")
     for section in ("pretrain_data", "finetune_data"):
@@ -441,7 +433,8 @@ class _Runner:
         cfg = self._training_config("pretrain", attempt)
         self.log(f"{label}: ViT-{cfg.model} on the pretraining shards, {cfg.scale.num_workers} Ray Train workers")
         _init_ray()
-        result = run_training(cfg, log=self._indent, parent_run_id=self.parent_id)
+        with _section("pretrain"):
+            result = run_training(cfg, log=self._indent, parent_run_id=self.parent_id)
         top1 = result.metrics.get("eval/top1")
         if top1 is not None:
             self.log(f"      held-out top-1 of pretraining: {top1:.2%}")
@@ -459,7 +452,8 @@ class _Runner:
         tags = {"vit.pretrain_run_id": pretrained["mlflow_run_id"]} if pretrained.get("mlflow_run_id") else {}
         self.log(f"{label}: from {cfg.init_from}: a new zero-initialised head, the paper's SGD recipe")
         _init_ray()
-        result = run_training(cfg, log=self._indent, parent_run_id=self.parent_id, tags=tags)
+        with _section("finetune"):
+            result = run_training(cfg, log=self._indent, parent_run_id=self.parent_id, tags=tags)
         return {
             "run_dir": result.run_dir,
             "checkpoint": result.checkpoint,
@@ -549,6 +543,15 @@ class _Runner:
 
     def _indent(self, message: str) -> None:
         self.log("      " + message)
+
+
+@contextlib.contextmanager
+def _section(name: str):
+    """A training's config errors name its field in the pipeline's config (``pretrain.optim.warmup_steps``)."""
+    try:
+        yield
+    except ConfigError as err:
+        raise ConfigError(f"{name}.{err}") from None
 
 
 def _digest(data: Any) -> str:

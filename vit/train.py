@@ -29,6 +29,19 @@ class OptimConfig:
     min_lr_ratio: float = 0.0  # the schedule decays to lr * min_lr_ratio
     grad_clip_norm: float | None = 1.0  # global norm; None disables clipping
 
+    def __post_init__(self) -> None:
+        # Messages start with the field's name, so a config loader can name the full field.
+        if not self.lr > 0:
+            raise ValueError(f"lr: must be positive, got {self.lr}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps: must not be negative, got {self.warmup_steps}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay: must not be negative, got {self.weight_decay}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        if self.grad_clip_norm is not None and not self.grad_clip_norm > 0:
+            raise ValueError(f"grad_clip_norm: must be positive (or null: no clipping), got {self.grad_clip_norm}")
+
 
 def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:
     """Linear warmup to ``cfg.lr``, then ``cfg.schedule`` decay to ``cfg.lr * cfg.min_lr_ratio``."""

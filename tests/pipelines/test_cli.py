@@ -34,6 +34,37 @@ def test_run_rejects_bad_settings_and_steps_by_name(tmp_path):
     assert result.returncode == 2 and "no such config file" in result.stderr
 
 
+def test_the_same_mistake_is_the_same_error_before_any_work_in_every_command(tmp_path):
+    """A setting checked by the config itself, named by its full field, in `vit run` and `vit pretrain`."""
+    cases = [
+        ("scale.num_workers=0", "scale.num_workers: must be at least 1, got 0"),
+        ("optim.warmup_steps=150", "optim.warmup_steps: 150 warmup steps of a 100-step run"),
+        ("batch_size=129", "batch_size: 129 does not split evenly over 2 workers"),
+        ("optim.lr=-1", "optim.lr: must be positive"),
+    ]
+    for override, message in cases:
+        result = run("run", f"workdir={tmp_path}", "pretrain.steps=100", f"pretrain.{override}")
+        assert result.returncode == 2 and f"error: pretrain.{message}" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr and len(result.stderr.splitlines()) == 1
+        result = run("pretrain", "data.shards=/nowhere", "steps=100", "optim.warmup_steps=10", override)
+        assert result.returncode == 2 and f"error: {message}" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+    assert not (tmp_path / "corpus").exists() and not (tmp_path / "pipeline").exists()  # no step started
+
+
+def test_run_reads_a_config_from_the_environment_and_leaves_no_file_behind(tmp_path):
+    import os
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = {**os.environ, "TMPDIR": str(temp), "VIT_CFG": "name: from-env\npretrain: {optim: {lr: fast}}\n"}
+    result = subprocess.run([VIT, "run", "env:VIT_CFG"], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 2 and "pretrain.optim.lr: expected a number" in result.stderr
+    assert list(temp.iterdir()) == []
+    result = subprocess.run([VIT, "run", "env:VIT_NOT_SET"], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 2 and "env:VIT_NOT_SET: the environment variable is not set" in result.stderr
+
+
 def test_models_lists_variants_with_paper_sizes():
     result = run("models")
     assert result.returncode == 0, result.stderr

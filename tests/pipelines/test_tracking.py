@@ -186,3 +186,29 @@ def test_params_never_carry_credentials_and_the_local_default_is_absolute(monkey
     monkeypatch.chdir(tmp_path)
     assert tracking_uri(TrackingConfig()) == f"sqlite:///{tmp_path}/mlflow.db"
     assert tracking_uri(TrackingConfig(uri="sqlite:///store.db")) == f"sqlite:///{tmp_path}/store.db"
+
+
+def test_a_local_store_keeps_every_artifact_beside_its_database(monkeypatch, tmp_path):
+    """The default sqlite store in a project folder: artifacts under PROJECT/mlartifacts, nowhere else (a
+    hand-built ``file://`` + ``//abs/path`` was read as a host and wrote them under the filesystem root)."""
+    import mlflow
+
+    project = tmp_path / "home" / "alice" / "proj"
+    project.mkdir(parents=True)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(project)
+    tracker = Tracker(TrackingConfig(experiment="artifacts-here"))
+    run_id = tracker.start_run(key="k", name="a run")
+    tracker.log_text(run_id, "hello", "notes/hello.txt")
+    tracker.log_dict(run_id, {"a": 1}, "a.json")
+    artifact_uri = tracker.client.get_run(run_id).info.artifact_uri
+    assert artifact_uri.startswith((project / "mlartifacts").as_uri() + "/")
+    written = sorted(
+        p.relative_to(project) for p in project.rglob("*") if p.is_file() and p.suffix in (".txt", ".json")
+    )
+    assert written == [
+        Path("mlartifacts") / run_id / "artifacts" / "a.json",
+        Path("mlartifacts") / run_id / "artifacts" / "notes" / "hello.txt",
+    ]
+    local = mlflow.artifacts.download_artifacts(artifact_uri=f"{artifact_uri}/notes/hello.txt", dst_path=str(tmp_path))
+    assert Path(local).read_text() == "hello"

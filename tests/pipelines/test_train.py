@@ -51,10 +51,19 @@ def weights(path: str) -> dict[str, torch.Tensor]:
     return load_file(path)
 
 
+# Credentials as a user gives them (the local filesystem ignores them): none may leave the process.
+FAKE_KEY, FAKE_SECRET = "AKIAFAKEKEY0123456789", "wJalrXUtnFEMI-fake-secret-K7MDENG"
+WITH_CREDENTIALS = [
+    f"data.storage_options={{key: {FAKE_KEY}, secret: {FAKE_SECRET}}}",
+    f"storage_options={{client_kwargs: {{aws_secret_access_key: {FAKE_SECRET}}}}}",
+]
+
+
 @pytest.fixture(scope="module")
 def ddp_run(synth_shards, tmp_path_factory):
     storage = tmp_path_factory.mktemp("runs")
-    return run_training(pretrain_config(synth_shards, storage, "ddp"), log=lambda *_: None), storage
+    cfg = pretrain_config(synth_shards, storage, "ddp", *WITH_CREDENTIALS)
+    return run_training(cfg, log=lambda *_: None), storage
 
 
 def test_pretraining_runs_the_paper_recipe_and_reports_health(ddp_run):
@@ -99,6 +108,26 @@ def test_pretraining_is_an_mlflow_run_with_every_step_lineage_and_artifacts(ddp_
     assert {"config.yaml", "training_curves.png", "checkpoint", "shards.json"} <= artifacts
     local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="checkpoint/model.safetensors")
     assert weights(local).keys() == weights(result.model_path).keys()
+
+
+def test_credentials_reach_neither_the_run_folder_nor_mlflow(ddp_run, tmp_path):
+    """The config travels with every checkpoint and MLflow run, its credentials never: one rule redacts them."""
+    import mlflow
+    import yaml
+
+    result, _ = ddp_run
+    leaked = [p for p in Path(result.run_dir).rglob("*") if p.is_file() and FAKE_SECRET.encode() in p.read_bytes()]
+    assert leaked == []
+    artifacts = Path(mlflow.artifacts.download_artifacts(run_id=result.mlflow_run_id, dst_path=str(tmp_path)))
+    files = [p for p in artifacts.rglob("*") if p.is_file()]
+    assert {"config.yaml", "trainer_state.json"} <= {p.name for p in files}
+    for secret in (FAKE_KEY, FAKE_SECRET):
+        assert [p for p in files if secret.encode() in p.read_bytes()] == [], secret
+    config = yaml.safe_load((artifacts / "config.yaml").read_text())
+    assert config["data"]["storage_options"] == {"key": "<redacted>", "secret": "<redacted>"}
+    assert config["optim"]["lr"] == 1e-3  # the rest is all there
+    state = json.loads((Path(result.checkpoint) / "trainer_state.json").read_text())
+    assert state["config"]["storage_options"]["client_kwargs"] == {"aws_secret_access_key": "<redacted>"}
 
 
 def test_a_halted_run_resumes_to_the_same_weights(ddp_run, synth_shards):
