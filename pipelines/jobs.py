@@ -84,7 +84,11 @@ EXCLUDES = [
 MAX_PACKAGE_BYTES = 512 * 1024**2
 # Linux refuses a single environment string longer than 128 KiB (MAX_ARG_STRLEN) when the job's process starts.
 MAX_CONFIG_BYTES = 100 * 1024
-_SECRET_WORDS = ("SECRET", "PASSWORD", "TOKEN", "CREDENTIAL", "PRIVATE_KEY", "ACCESS_KEY", "API_KEY")
+_OWN_CREDENTIALS = (
+    "give the cluster credentials of its own: an instance profile or IAM role on its nodes (ray_cluster.yaml), "
+    "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in the environment of `ray start` on every node, or a Kubernetes "
+    "Secret (infra/kuberay)"
+)
 _DASHBOARD_HINT = (
     "the Jobs API is served by the Ray dashboard on the head node (http://HOST:8265 by default); the cluster needs "
     "ray[default] and a head started with the dashboard (ray start --head --dashboard-host 0.0.0.0)"
@@ -363,16 +367,76 @@ def _requirements(path: str) -> list[str]:
 
 
 def _check_env(env: Mapping[str, str]) -> None:
+    from pipelines.redaction import is_secret_field
+
     for key, value in env.items():
         if not key or not key.replace("_", "A").isalnum() or key[0].isdigit():
             raise JobsError(f"--env {key}=...: not a valid environment variable name")
         if not isinstance(value, str):
             raise JobsError(f"--env {key}: the value must be a string")
+        if is_secret_field(key):
+            raise JobsError(
+                f"--env {key}: a credential; a job's environment is readable by anyone who can open the dashboard. "
+                + _OWN_CREDENTIALS
+            )
 
 
-def _looks_secret(name: str) -> bool:
-    upper = name.upper()
-    return any(word in upper for word in _SECRET_WORDS)
+def _check_overrides_carry_no_secrets(overrides: Sequence[str]) -> None:
+    """An override is part of the job's entrypoint, which the dashboard shows to anyone."""
+    from pipelines.config import apply_overrides
+    from pipelines.redaction import secret_fields
+
+    found = secret_fields(apply_overrides({}, overrides))
+    if found:
+        raise JobsError(
+            f"override {found[0]}: a credential; it would be stored in the job's entrypoint, readable by anyone "
+            "who can open the dashboard. " + _OWN_CREDENTIALS[0].upper() + _OWN_CREDENTIALS[1:]
+        )
+
+
+def _without_secrets(text: str) -> tuple[str, list[str]]:
+    """The config text the cluster gets, and the dotted names of the credentials left out of it: the job falls back
+    to the cluster's own (a config's comments and layout are kept when there is nothing to leave out)."""
+    import yaml
+
+    from pipelines.redaction import redact, secret_fields
+
+    loaded = yaml.safe_load(text) or {}
+    found = secret_fields(loaded)
+    if not found:
+        return text, []
+    return yaml.safe_dump(redact(loaded, drop=True), sort_keys=False), found
+
+
+def _check_results_reachable(config_text: str | None, overrides: Sequence[str], env_vars: Mapping[str, str]) -> None:
+    """Refuse a pipeline whose results would land in the job's temporary copy of the working dir on the cluster,
+    where nobody can open them afterwards: a relative workdir, or a local MLflow store by default."""
+    from pipelines.config import ConfigError, load_config
+    from pipelines.workflow import LOCAL_CONFIG, PipelineConfig
+
+    try:
+        if config_text is None:
+            cfg = load_config(PipelineConfig, LOCAL_CONFIG, overrides)
+        else:
+            cfg = load_config(PipelineConfig, overrides=overrides, text=config_text)
+    except ConfigError as err:
+        raise JobsError(str(err)) from None
+    gone = "lands in Ray's temporary copy of the working dir on the cluster, which nobody can open once the job ends"
+    if "://" not in cfg.workdir and not cfg.workdir.startswith("/"):
+        raise JobsError(
+            f"workdir {cfg.workdir!r}: a relative path {gone}; set workdir to shared storage (s3://bucket/prefix) or "
+            "an absolute path every node can reach"
+        )
+    if not cfg.tracking.enabled:
+        return
+    uri = cfg.tracking.uri or env_vars.get("MLFLOW_TRACKING_URI", "")
+    if not uri or (uri.startswith("sqlite:///") and not uri.startswith("sqlite:////")):
+        where = f"the store {uri}" if uri else "the default store (./mlflow.db)"
+        raise JobsError(
+            f"tracking.uri: {where} {gone}, and the registered model with it; set tracking.uri (or "
+            "MLFLOW_TRACKING_URI here) to a tracking server you and the cluster can reach (http://HOST:5000), or "
+            "tracking.enabled=false"
+        )
 
 
 def pipeline_runtime_env(
@@ -389,7 +453,7 @@ def pipeline_runtime_env(
         raise JobsError(f"working dir {working_dir}: no such directory")
     env_vars = {name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)}
     if config_path is not None:
-        env_vars[CONFIG_ENV] = _config_text(config_path)
+        env_vars[CONFIG_ENV], _ = _without_secrets(_config_text(config_path))
     if env:
         _check_env(env)
         env_vars.update(env)
@@ -507,11 +571,18 @@ def submit_pipeline(
     overrides = list(overrides)
     _check_overrides(overrides)
     runtime_env = pipeline_runtime_env(config_path, working_dir=working_dir, requirements=requirements, env=env)
-    for name in env or {}:
-        if _looks_secret(name):
+    config_text = runtime_env.get("env_vars", {}).get(CONFIG_ENV)
+    _normalize_address(address)  # its form now; whether a cluster answers there, after the checks that need none
+    _check_overrides_carry_no_secrets(overrides)
+    if entrypoint is None:
+        _check_results_reachable(config_text, overrides, runtime_env.get("env_vars", {}))
+    if config_path is not None:
+        _, left_out = _without_secrets(_config_text(config_path))
+        if left_out:
             say(
-                f"warning: --env {name} looks like a secret; the job's environment is readable by anyone who can "
-                "open the dashboard. Prefer credentials the cluster already has (instance roles, its own env)."
+                f"warning: the config carries credentials ({', '.join(left_out)}); they are not sent (a job's "
+                f"environment is readable by anyone who can open the dashboard). The job uses the cluster's own: "
+                + _OWN_CREDENTIALS
             )
     client = _client(address)  # before the walk below: a wrong address is the likelier mistake, and quick to report
     files, size = package_size(runtime_env["working_dir"])

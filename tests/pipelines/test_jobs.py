@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 from click.testing import CliRunner
 
 from pipelines import jobs
@@ -94,6 +95,64 @@ def test_the_runtime_env_ships_the_config_text_and_endpoints_but_no_credentials(
     assert "do-not-ship" not in repr(runtime_env)
     assert runtime_env["pip"] == ["requests>=2", "tqdm"]
     assert "VIT_PIPELINE_YAML" not in jobs.pipeline_runtime_env(None, working_dir=str(tmp_path)).get("env_vars", {})
+
+
+def test_a_config_with_credentials_ships_without_them_and_says_how_the_cluster_gets_its_own(tmp_path, monkeypatch):
+    secret = "wJalrXUtnFEMI-do-not-ship"
+    config = tmp_path / "with-keys.yaml"
+    config.write_text(
+        f"workdir: s3://bucket/vit\nstorage_options: {{key: AKIA-do-not-ship, secret: {secret},"
+        " client_kwargs: {endpoint_url: 'http://minio:9000'}}\n"
+        f"pretrain_data: {{source: s3://bucket/corpus, storage_options: {{token: {secret}}}}}\n"
+        "tracking: {uri: 'http://mlflow.internal:5000'}\n"
+    )
+    runtime_env = jobs.pipeline_runtime_env(str(config), working_dir=str(tmp_path))
+    shipped = yaml.safe_load(runtime_env["env_vars"]["VIT_PIPELINE_YAML"])
+    assert "do-not-ship" not in repr(runtime_env)
+    assert shipped["storage_options"] == {"client_kwargs": {"endpoint_url": "http://minio:9000"}}
+    assert shipped["pretrain_data"] == {"source": "s3://bucket/corpus", "storage_options": {}}
+    lines: list[str] = []
+    unreachable = f"http://127.0.0.1:{_free_port()}"
+    with pytest.raises(JobsError, match="cannot reach"):  # the warning comes before the cluster is contacted
+        jobs.submit_pipeline(str(config), address=unreachable, working_dir=str(tmp_path), log=lines.append)
+    (warning,) = [line for line in lines if line.startswith("warning:")]
+    assert "storage_options.key" in warning and "pretrain_data.storage_options.token" in warning
+    assert "instance profile" in warning and "do-not-ship" not in warning
+    # Overrides go into the entrypoint and --env into the job's environment: credentials there are refused.
+    for kwargs in ({"overrides": [f"storage_options.secret={secret}"]}, {"env": {"AWS_SECRET_ACCESS_KEY": secret}}):
+        with pytest.raises(JobsError, match="a credential.*instance profile") as err:
+            jobs.submit_pipeline(str(config), address=unreachable, working_dir=str(tmp_path), **kwargs)
+        assert secret not in str(err.value)
+
+
+def test_a_pipeline_whose_results_nobody_could_reach_is_refused_before_submitting(tmp_path, monkeypatch):
+    """Without a tracking server the job would track into a sqlite file in Ray's temporary working dir copy, and the
+    printed `vit predict models:/...@champion` would find nothing from here."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    unreachable = f"http://127.0.0.1:{_free_port()}"
+    shared = f"workdir={tmp_path / 'work'}"
+
+    def submit(*overrides: str, env: dict | None = None) -> None:
+        jobs.submit_pipeline(None, overrides, address=unreachable, working_dir=str(tmp_path), env=env)
+
+    with pytest.raises(JobsError, match=r"tracking.uri: the default store \(./mlflow.db\) lands in Ray's temporary"):
+        submit(shared)
+    with pytest.raises(JobsError, match="tracking.uri: the store sqlite:///mlflow.db lands"):
+        submit(shared, "tracking.uri=sqlite:///mlflow.db")
+    with pytest.raises(JobsError, match="workdir 'runs/demo': a relative path lands"):
+        submit("tracking.uri=http://mlflow.internal:5000")
+    with pytest.raises(JobsError, match=r"pretrain.scale.num_workers: must be at least 1"):  # as `vit run` says it
+        submit(shared, "pretrain.scale.num_workers=0")
+    for ok in (
+        [shared, "tracking.uri=http://mlflow.internal:5000"],
+        [shared, "tracking.enabled=false"],
+        [shared, f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"],  # absolute: reachable on a one-machine cluster
+    ):
+        with pytest.raises(JobsError, match="cannot reach a Ray dashboard"):  # past the checks, to the cluster
+            submit(*ok)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")  # forwarded to the job
+    with pytest.raises(JobsError, match="cannot reach a Ray dashboard"):
+        submit(shared)
 
 
 def test_bad_inputs_fail_before_anything_is_sent(tmp_path):
