@@ -242,14 +242,20 @@ def _parse_bytes(text: str) -> int:
     return int(float(value) * units[unit])
 
 
-def _init_ray(address: str | None, log_to_driver: bool = False) -> None:
+def _init_ray(address: str | None) -> None:
     from pipelines.workflow import init_ray
 
-    init_ray(address, log_to_driver=log_to_driver)
+    init_ray(address)
 
 
 def _train_command(recipe: str, config_path: str | None, overrides: tuple[str, ...], address: str | None) -> None:
-    from pipelines.train import TrainingDivergedError, load_train_config, plan_training, run_training
+    from pipelines.train import (
+        TrainingDataError,
+        TrainingDivergedError,
+        load_train_config,
+        plan_training,
+        run_training,
+    )
 
     try:
         cfg = load_train_config(recipe, config_path, overrides)
@@ -258,10 +264,10 @@ def _train_command(recipe: str, config_path: str | None, overrides: tuple[str, .
         _fail(str(err))
     from pipelines.tracking import TrackingError
 
-    _init_ray(address, log_to_driver=True)  # the workers' progress lines
+    _init_ray(address)  # rank 0's progress reaches the terminal through pipelines.progress, without Ray's chatter
     try:
         result = run_training(cfg, log=click.echo)
-    except (TrainingDivergedError, TrackingError) as err:
+    except (TrainingDivergedError, TrainingDataError, TrackingError) as err:
         _fail(str(err))
     click.echo("")
     for key, value in result.metrics.items():

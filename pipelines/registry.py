@@ -6,9 +6,13 @@
     register_model(run.info.run_id, "vit-digits")                # new version, alias "challenger"
     promote("vit-digits")                                        # alias "champion", if better on eval/top1
     predict_images("models:/vit-digits@champion", ["cat.jpg"])  # one dict per image
+    load_pyfunc("models:/vit-digits@champion")                   # the pyfunc model itself
 
 The model is logged as code (``pipelines/pyfunc_model.py``) with the ``vit`` package as a code path, so it loads
 wherever torch, numpy, pillow and safetensors are installed, without this repository or any pickled class.
+``load_pyfunc`` (which ``predict_images`` and ``vit predict`` use) loads nothing else: it reads the model's MLmodel
+file first and refuses any pyfunc that is not such a model, above all a cloudpickled ``python_model``, whose
+unpickling alone could run arbitrary code.
 
 The click commands (``vit registry list|show|promote`` and ``vit predict``) wrap these functions. mlflow, torch and
 pandas are imported inside functions so that ``vit --help`` stays fast.
@@ -36,6 +40,12 @@ if TYPE_CHECKING:
     from mlflow.models.model import ModelInfo
 
 PYFUNC_MODEL_FILE = Path(__file__).with_name("pyfunc_model.py")
+CODE_MODEL_LOADER = "mlflow.pyfunc.loaders.code_model"  # the loader MLflow records for models from code
+MODEL_ARTIFACTS = ("weights", "classes", "preprocessing")  # what pyfunc_model.py's load_context reads
+# A marker in the MLmodel metadata, the model layout's version. It names the model for people and tools; it proves
+# nothing (anyone can write it), so `check_platform_model` goes by the structure of the MLmodel file instead.
+PLATFORM_MARKER = "vit_platform"
+PLATFORM_FORMAT = "1"
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 METRIC_TAG_PREFIX = "metric."  # version tags holding metric values copied from the run at registration
@@ -45,6 +55,10 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 
 class RegistryError(Exception):
     """A user-facing registry error: unknown model, version, alias or metric. Its message is the whole story."""
+
+
+class ForeignModelError(RegistryError):
+    """A model of another kind than ``log_vit_model`` logs (a pickled python_model, say): refused before loading."""
 
 
 # --- logging --------------------------------------------------------------------------------------------------------
@@ -154,7 +168,67 @@ def log_vit_model(
             signature=_signature(),
             input_example=pd.DataFrame({"image": [example]}),
             pip_requirements=_pip_requirements(),
+            metadata={PLATFORM_MARKER: PLATFORM_FORMAT},
         )
+
+
+# --- loading --------------------------------------------------------------------------------------------------------
+
+
+def _foreign(model_uri: str, reason: str) -> ForeignModelError:
+    return ForeignModelError(
+        f"{model_uri} is not a model of this platform ({reason}); load it with mlflow directly if you trust it"
+    )
+
+
+def check_platform_model(model_uri: str, mlmodel: Any) -> None:
+    """Raise ``ForeignModelError`` unless the MLmodel (an ``mlflow.models.Model``) is one that ``log_vit_model`` logs.
+
+    What decides is what ``mlflow.pyfunc.load_model`` would do with it: load a model from code (the loader
+    ``mlflow.pyfunc.loaders.code_model`` running the file ``model_code_path`` names, which must be our
+    ``pyfunc_model.py``), with our artifacts, and no cloudpickled ``python_model``. A pickle, a flavor's own loader
+    (sklearn, pytorch, ... mostly unpickle too) or someone else's code file is refused. The metadata marker is not
+    trusted: a hostile model can carry it. This checks the kind of model, not its contents: a model from code runs
+    the ``pyfunc_model.py`` and ``vit/`` it carries, so load only models from a registry you trust.
+    """
+    import os
+
+    flavor = (mlmodel.flavors or {}).get("python_function")
+    if not isinstance(flavor, dict):
+        raise _foreign(model_uri, "it has no python_function flavor")
+    loader = flavor.get("loader_module")
+    code_file = flavor.get("model_code_path")
+    if "python_model" in flavor or (loader == "mlflow.pyfunc.model" and not code_file):
+        raise _foreign(model_uri, "its pyfunc is a pickled python_model: loading it would run arbitrary code")
+    if loader != CODE_MODEL_LOADER:
+        raise _foreign(model_uri, f"its pyfunc is loaded by {loader!r}, which may unpickle or run arbitrary code")
+    # MLflow runs the model directory's file of this base name (os.path.basename, as in mlflow.pyfunc.model).
+    name = os.path.basename(code_file) if isinstance(code_file, str) else None
+    if name != PYFUNC_MODEL_FILE.name:
+        raise _foreign(model_uri, f"its pyfunc is the code file {name!r}, not this platform's {PYFUNC_MODEL_FILE.name}")
+    if "data" in flavor:  # would make MLflow look for the code file in another directory
+        raise _foreign(model_uri, f"its pyfunc has a data directory {flavor['data']!r}")
+    missing = [a for a in MODEL_ARTIFACTS if a not in (flavor.get("artifacts") or {})]
+    if missing:
+        raise _foreign(model_uri, f"it has no artifact {', '.join(missing)}")
+
+
+def load_pyfunc(model_uri: str, *, dst_path: str | None = None) -> Any:
+    """Load a model that ``log_vit_model`` logged, as ``mlflow.pyfunc.load_model`` does, refusing any other model.
+
+    The MLmodel file alone is fetched and checked first (``check_platform_model``), so a refused model is neither
+    downloaded nor run. The check is repeated on the downloaded copy, which is what loads: an alias moved or a file
+    replaced in between cannot slip a model of another kind in. ``dst_path``: where to download (MLflow's default: a
+    temporary directory for remote stores, the store's own directory for local ones).
+    """
+    import mlflow
+    import mlflow.pyfunc
+    from mlflow.models import Model
+
+    check_platform_model(model_uri, Model.load(model_uri))
+    local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=dst_path)
+    check_platform_model(model_uri, Model.load(local))
+    return mlflow.pyfunc.load_model(local)
 
 
 # --- registry -------------------------------------------------------------------------------------------------------
@@ -443,14 +517,14 @@ def predict_images(
 
     Returns one dict per image: ``image`` (the path, or ``#i`` for in-memory input), ``label``, ``class_id``,
     ``probability``, ``top_labels``, ``top_probabilities``. A ``ValueError`` names the image that failed to decode.
+    Only models that ``log_vit_model`` logged load (``load_pyfunc``); others raise ``ForeignModelError``.
     """
-    import mlflow.pyfunc
     import pandas as pd
     from tqdm import tqdm
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    model = mlflow.pyfunc.load_model(model_uri)
+    model = load_pyfunc(model_uri)
     images = list(images)
     names = [_input_name(x, i) for i, x in enumerate(images)]
     results: list[dict[str, Any]] = []
@@ -496,9 +570,17 @@ def _connect(tracking_uri: str | None) -> None:
 
     import mlflow
 
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-    uri = mlflow.get_tracking_uri()
+    from pipelines.tracking import TrackingConfig
+    from pipelines.tracking import tracking_uri as resolve
+
+    uri = resolve(TrackingConfig(uri=tracking_uri or ""))  # the same default as the pipeline's: ./mlflow.db
+    mlflow.set_tracking_uri(uri)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        # MLflow would create an empty store here and report "no models": say where none was found instead.
+        _fail(
+            f"no MLflow store at {uri.removeprefix('sqlite:///')}: run this where `vit run` ran, or point "
+            "--tracking-uri (MLFLOW_TRACKING_URI) at the store or server `vit run` printed"
+        )
     if uri.startswith(("http://", "https://")):
         try:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10):
@@ -619,14 +701,25 @@ def _expand(paths: Sequence[str]) -> list[str]:
 @click.command(name="predict", context_settings={"help_option_names": ["-h", "--help"]})
 @tracking_uri_option
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
-@click.option("--top-k", default=DEFAULT_TOP_K, show_default=True, type=click.IntRange(min=1))
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per image, with the top-k labels.")
+@click.option(
+    "--top-k",
+    default=DEFAULT_TOP_K,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="The k best labels of each image, with their probabilities (in the table and in --json).",
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per image.")
 @click.argument("model_uri")
 @click.argument("images", nargs=-1, required=True)
 def predict(
     tracking_uri: str | None, batch_size: int, top_k: int, as_json: bool, model_uri: str, images: tuple[str, ...]
 ) -> None:
-    """Classify IMAGES (files or directories of them) with MODEL_URI, e.g. models:/vit-digits@champion."""
+    """Classify IMAGES (files or directories of them) with MODEL_URI, e.g. models:/vit-digits@champion.
+
+    Only models that this platform logged load: any other MLflow model (a pickled python_model above all) is refused
+    before any of its code runs. The table shows, per image, the best label and its probability, then the other
+    labels of the top k with theirs, as columns label2 p2, label3 p3, ...
+    """
     files = _expand(images)
     if not files:
         _fail("no images found")
@@ -639,4 +732,19 @@ def predict(
         for row in results:
             click.echo(json.dumps(row))
         return
-    _table([[r["image"], r["label"], f"{r['probability']:.4f}"] for r in results], ["image", "label", "probability"])
+    _table(*_prediction_table(results))
+
+
+def _prediction_table(results: list[dict[str, Any]]) -> tuple[list[list[str]], list[str]]:
+    """Rows and header for ``vit predict``: image, label, probability, then ``label<r> p<r>`` for ranks 2..k."""
+    ranks = max((len(r["top_labels"]) for r in results), default=1)
+    header = ["image", "label", "probability"]
+    for rank in range(2, ranks + 1):
+        header += [f"label{rank}", f"p{rank}"]
+    rows = []
+    for r in results:
+        row = [r["image"], r["label"], f"{r['probability']:.4f}"]
+        for label, probability in zip(list(r["top_labels"])[1:], list(r["top_probabilities"])[1:]):
+            row += [str(label), f"{probability:.4f}"]
+        rows.append(row + ["-"] * (len(header) - len(row)))
+    return rows, header

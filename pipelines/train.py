@@ -34,8 +34,9 @@ from torch import nn
 
 import vit
 from pipelines.config import ConfigError, check, from_dict, to_dict
+from pipelines.progress import ProgressChannel, RankZeroProgress
 from pipelines.redaction import redact
-from pipelines.stream import ShardSet, StreamSpec, make_loader, open_shards, read_info
+from pipelines.stream import ShardsError, ShardSet, StreamSpec, make_loader, open_shards, read_info
 from pipelines.tracking import LiveMetrics, LiveTarget, Tracker, TrackingConfig, metrics_of
 from vit.data import build_transform, normalize
 from vit.evaluate import topk_hits
@@ -54,6 +55,7 @@ STATE_FILE = "trainer_state.json"
 HISTORY_FILE = "metrics.jsonl"  # a record per logged step: loss (window mean), health figures, evaluation
 STEPS_FILE = "steps.jsonl"  # every step's own [step, loss, lr, gradient norm]: what MLflow is reconciled with
 STEP_KEYS = ("train/loss", "train/lr", "train/grad_norm")
+_REASON_BYTES = 2048  # the longest data-error message sent from one rank to the others
 COMMITTED_FILE = "COMMITTED"  # written once every rank's part of a checkpoint is in storage
 
 # Dense bf16 peak FLOP/s of accelerators we know, for MFU (model FLOPs utilisation).
@@ -62,6 +64,14 @@ PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e1
 
 class TrainingDivergedError(RuntimeError):
     """The loss or the gradient norm became NaN or infinite; the last good checkpoint is kept."""
+
+
+class TrainingDataError(RuntimeError):
+    """A shard could not be read (damaged, truncated, hostile): the same bytes fail again, so it is not retried."""
+
+
+class _DataErrorStop(Exception):
+    """Raised on every rank at once, after they agreed that one of them met a data error."""
 
 
 @dataclass(kw_only=True)
@@ -227,6 +237,7 @@ class _Plan:
     name: str  # the run's folder under storage_path
     run_dir: str  # storage_path/name: a path or a URL
     tracking: dict | None = None  # a LiveTarget's fields: where rank 0 logs its metrics
+    progress: Any = None  # a Ray queue: rank 0's log lines and steps, shown by the driver (pipelines.progress)
 
 
 # ------------------------------------------------------------------------------------------------------------- driver
@@ -317,9 +328,11 @@ def run_training(
         plan = dataclasses.replace(plan, tracking=dataclasses.asdict(target))
         url = tracker.run_url(run_id)
         log(f"MLflow run {run_id}" + (f": {url}" if url else f" in {tracker.uri}"))
+    progress = ProgressChannel.open()
+    plan = dataclasses.replace(plan, progress=progress.queue)
     trainer = TorchTrainer(
         _train_worker,
-        train_loop_config=dataclasses.asdict(plan),
+        train_loop_config={f.name: getattr(plan, f.name) for f in dataclasses.fields(plan)},
         scaling_config=ScalingConfig(
             num_workers=cfg.scale.num_workers,
             use_gpu=use_gpu,
@@ -334,13 +347,23 @@ def run_training(
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
         ),
     )
+    progress.follow(plan.total_steps, cfg.batch_size, log, desc=cfg.recipe)
     try:
         result = trainer.fit()
     except BaseException:
         if tracker is not None:
             _finish_quietly(tracker, run_id, "FAILED")
         raise
+    finally:
+        progress.close()
     outcome = result.return_value or {}
+    if outcome.get("status") == "data-error":
+        if tracker is not None:
+            _finish_quietly(tracker, run_id, "FAILED")
+        raise TrainingDataError(
+            f"{outcome['reason']} (at step {outcome['step']}); a data error is not retried: re-shard the corpus, "
+            "or check the shards with `vit shard verify`"
+        )
     if outcome.get("status") == "diverged":
         if tracker is not None:
             _finish_quietly(tracker, run_id, "FAILED")
@@ -502,6 +525,7 @@ class _Loop:
         self.step_values: list[list[float]] = []  # [step, *STEP_KEYS] per step; ~40 bytes each in the checkpoint
         self.segments: list[list[int]] = []
         self.eval_metrics: dict[str, float] = {}
+        self.progress = RankZeroProgress(plan.progress if rank == 0 else None)
 
     # -- setup
 
@@ -554,18 +578,26 @@ class _Loop:
                 self._restore(folder)
         first_step = self.step
         self.segments.append([first_step, first_step])
+        with self.progress:
+            return self._run_from(first_step)
+
+    def _run_from(self, first_step: int) -> dict:
         if self.rank == 0:
             how = f"resuming at step {first_step}" if first_step else "starting"
             log.info("[vit] %s: %d steps", how, self.plan.total_steps)
 
         live = LiveMetrics(LiveTarget(**self.plan.tracking)) if self.plan.tracking and self.rank == 0 else None
         try:
-            outcome = self._run_steps(live)
+            outcome = self._run_steps(live, self.progress)
+        except _DataErrorStop as stop:  # every rank is here, at the same step: Ray must not restart the group
+            if self.rank == 0:
+                log.error("[vit] %s: stopping at step %d", stop, self.step + 1)
+            outcome = {"status": "data-error", "reason": str(stop), "step": self.step + 1, "segments": self.segments}
         finally:
             unsent = live.close() if live is not None else []
         return {**outcome, "unsent_metrics": unsent}
 
-    def _run_steps(self, live: LiveMetrics | None) -> dict:
+    def _run_steps(self, live: LiveMetrics | None, progress: RankZeroProgress) -> dict:
         total = self.plan.total_steps
         stop_at = min(total, self.cfg.halt_after_steps or total)
         batches = iter(
@@ -583,6 +615,7 @@ class _Loop:
             self.step_values.append([self.step, *(round(metrics[k], 7) for k in STEP_KEYS)])
             if live is not None:
                 live.log(self.step, step_metrics)
+            progress.step(self.step, metrics["train/loss"])
             finished = self.step == stop_at
             evaluate = self.plan.eval_split and (
                 self.step == total or (self.cfg.eval_every and self.step % self.cfg.eval_every == 0)
@@ -621,9 +654,17 @@ class _Loop:
         set_lr(optimizer, lr)
         model.train()
         loss_sum, images_seen, bad = 0.0, 0, 0
+        data_error = None
         for micro in range(accum):
             started = time.perf_counter()
-            images, targets, n_bad = next(batches)
+            if data_error is None:
+                try:
+                    images, targets, n_bad = next(batches)
+                except ShardsError as err:  # this rank's shard is damaged; the others learn it below
+                    data_error = _data_error_message(err)
+            if data_error is not None:  # still take part in this step's collectives, with nothing to learn from
+                size = self.cfg.data.image_size
+                images, targets, n_bad = torch.zeros(0, 3, size, size, dtype=torch.uint8), torch.zeros(0), 0
             window.data_seconds += time.perf_counter() - started
             images = normalize(images.to(self.device, non_blocking=True))
             targets = targets.to(self.device, non_blocking=True)
@@ -638,6 +679,10 @@ class _Loop:
             loss_sum += loss.detach().float().item() if len(images) else 0.0
             images_seen += len(images)
             bad += n_bad
+        data_error = self._agree_on_data_error(data_error)
+        if data_error is not None:
+            optimizer.zero_grad(set_to_none=True)
+            raise _DataErrorStop(data_error)
         params = [p for p in self.model.parameters() if p.grad is not None]
         clip = self.cfg.optim.grad_clip_norm
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else float("inf"))
@@ -657,6 +702,24 @@ class _Loop:
         window.loss += loss_sum / accum
         window.steps += 1
         return {"train/loss": loss_sum / accum, "train/lr": lr, "train/grad_norm": grad_norm}
+
+    def _agree_on_data_error(self, reason: str | None) -> str | None:
+        """Whether any rank met a data error, and the lowest such rank's message, known to every rank: one
+        scalar all-reduce a step (a message travels only when there is one)."""
+        if self.world == 1:
+            return reason
+        device = self._comm_device()
+        first = torch.tensor([self.rank if reason is not None else self.world], device=device)
+        dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        source = int(first.item())
+        if source == self.world:
+            return None
+        message = torch.zeros(_REASON_BYTES, dtype=torch.uint8, device=device)
+        if self.rank == source:
+            data = reason.encode()[:_REASON_BYTES]
+            message[: len(data)] = torch.tensor(list(data), dtype=torch.uint8)
+        dist.broadcast(message, src=source)
+        return bytes(message.cpu().tolist()).rstrip(b"\0").decode(errors="replace")
 
     def _no_sync(self, skip_sync: bool):
         """Gradient accumulation: only the last micro-batch of a step reduces gradients across workers."""
@@ -688,12 +751,18 @@ class _Loop:
         with self._ema_weights():
             self.wrapped.eval()
             counts = torch.zeros(len(ks) + 1, dtype=torch.float64)
-            batches = 0
-            for images, targets, _ in self._loader(split, train=False):
-                logits = self._eval_forward(images)
-                counts[:-1] += torch.tensor([topk_hits(logits.float().cpu(), targets, k) for k in ks])
-                counts[-1] += len(images)
-                batches += 1
+            batches, data_error = 0, None
+            try:
+                for images, targets, _ in self._loader(split, train=False):
+                    logits = self._eval_forward(images)
+                    counts[:-1] += torch.tensor([topk_hits(logits.float().cpu(), targets, k) for k in ks])
+                    counts[-1] += len(images)
+                    batches += 1
+            except ShardsError as err:
+                data_error = _data_error_message(err)
+            data_error = self._agree_on_data_error(data_error)
+            if data_error is not None:
+                raise _DataErrorStop(data_error)
             # FSDP ranks must run the same number of forwards: the ones with fewer batches run empty ones.
             most = torch.tensor([batches], dtype=torch.long, device=self._comm_device())
             if self.world > 1:
@@ -736,13 +805,14 @@ class _Loop:
 
     def _checkpoint(self, metrics: dict) -> None:
         import ray.train
-        import torch.distributed.checkpoint as dcp
         from ray.train import Checkpoint
+
+        from pipelines.safe_dcp import save_state
 
         with tempfile.TemporaryDirectory(prefix="vit-ckpt-") as folder:
             folder = Path(folder)
             state = self._state_dict()
-            dcp.save(state, checkpoint_id=str(folder / "state"))
+            save_state(state, folder / "state")
             torch.save(_rng_state(), folder / f"rng-{self.rank}.pt")
             weights = self._full_weights()  # a collective under FSDP: every rank takes part
             if self.rank == 0:
@@ -807,12 +877,13 @@ class _Loop:
         return state
 
     def _restore(self, folder: Path) -> None:
-        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        from pipelines.safe_dcp import load_state
 
         trainer_state = json.loads((folder / STATE_FILE).read_text())
         state = self._state_dict()
-        dcp.load(state, checkpoint_id=str(folder / "state"))
+        load_state(state, folder / "state")
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         if self.ema is not None:
             with torch.no_grad():
@@ -885,6 +956,13 @@ def _format_record(record: dict) -> str:
         short = key.split("/", 1)[-1]
         parts.append(f"{short} {value:.4g}" if isinstance(value, float) else f"{short} {value}")
     return "  ".join(parts)
+
+
+def _data_error_message(err: ShardsError) -> str:
+    """The reader's own sentence: a DataLoader worker's error arrives as its whole traceback, the sentence last."""
+    lines = [line for line in str(err).strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else type(err).__name__
+    return last.split("Error: ", 1)[1] if last.startswith(("pipelines.", "ShardsError", "ShardReadError")) else last
 
 
 def _local(value: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,9 @@ and position embeddings are resampled when the patch grid differs. Anything else
 raises :class:`CheckpointMismatchError` naming the missing, unexpected and mis-shaped keys.
 
 Nothing here unpickles arbitrary objects: ``torch.load(weights_only=True)``,
-``np.load(allow_pickle=False)`` and safetensors only.
+``np.load(allow_pickle=False)`` and safetensors only. A file never makes us allocate more than it
+holds: tensors larger than their storage (expanded views) are refused, and :func:`load_model`
+checks the saved config against the tensors in the file before it builds anything.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 import re
 import tempfile
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,8 +50,18 @@ StateDict = dict[str, torch.Tensor]
 class CheckpointMismatchError(ValueError):
     """The checkpoint's tensors do not fit the model; lists what is missing, extra or mis-shaped."""
 
-    def __init__(self, fmt: str, missing: list[str], unexpected: list[str], mismatched: list[str]):
+    def __init__(
+        self,
+        fmt: str,
+        missing: list[str],
+        unexpected: list[str],
+        mismatched: list[str],
+        *,
+        source: str | os.PathLike | None = None,
+        problem: str = "does not fit the model",
+    ):
         self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
+        self.source = source
 
         def show(title: str, items: list[str]) -> str:
             if not items:
@@ -56,7 +70,7 @@ class CheckpointMismatchError(ValueError):
             return f"\n  {title} ({len(items)}): " + ", ".join(items[:12]) + more
 
         super().__init__(
-            f"{fmt} checkpoint does not fit the model"
+            f"{fmt} checkpoint{f' {source}' if source is not None else ''} {problem}"
             + show("missing keys", missing)
             + show("unexpected keys", unexpected)
             + show("shape mismatches", mismatched)
@@ -89,7 +103,8 @@ def _read(src: str | os.PathLike | BinaryIO | Mapping) -> tuple[dict[str, Any], 
         if head[:2] == b"PK" and not _is_torch_zip(src):
             with np.load(src, allow_pickle=False) as npz:
                 return {k: npz[k] for k in npz.files}, {}
-        return _unwrap(torch.load(src, map_location="cpu", weights_only=True))
+        name = getattr(src, "name", "the file object")
+        return _unwrap_torch(_torch_load(src, name), name)
     path = Path(src)
     if path.is_dir():
         return _read_folder(path)
@@ -103,11 +118,53 @@ def _read(src: str | os.PathLike | BinaryIO | Mapping) -> tuple[dict[str, Any], 
     if path.suffix == ".npz":
         with np.load(path, allow_pickle=False) as npz:
             return {k: npz[k] for k in npz.files}, {}
+    return _unwrap_torch(_torch_load(path, path), path)
+
+
+class UnsafeCheckpointError(ValueError):
+    """The file holds something loading it would have to run as code, or more than it has bytes for."""
+
+
+def _torch_load(src: str | os.PathLike | BinaryIO, name: object) -> Any:
+    """``torch.load(weights_only=True)``, with our own message when it refuses.
+
+    torch's message for a refused pickle advises retrying with ``weights_only=False``, i.e. running
+    whatever the file asks for; that advice is not passed on.
+    """
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # UnpicklingError for hostile files, RuntimeError for garbage
-        raise ValueError(f"{path} is not a readable weights-only PyTorch checkpoint: {err}") from err
-    return _unwrap(loaded)
+        return torch.load(src, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        asked = re.search(r"GLOBAL ([\w.]{1,200})", str(err))
+        if asked:
+            raise UnsafeCheckpointError(
+                f"{name} is refused: it holds arbitrary Python objects (it asks for {asked[1]}), which "
+                "loading would have to run as code. Only weights are read: tensors in plain containers "
+                "(a state dict), or safetensors / .npz files."
+            ) from None
+        raise UnsafeCheckpointError(
+            f"{name} is not a readable weights-only PyTorch checkpoint: a pickle with instructions or "
+            "objects beyond tensors in plain containers, or not a checkpoint at all; refused"
+        ) from None
+    except Exception as err:  # RuntimeError and others for garbage, truncated or foreign files
+        raise ValueError(f"{name} is not a readable weights-only PyTorch checkpoint: {err}") from err
+
+
+def _unwrap_torch(obj: Any, name: object = "the file object") -> tuple[dict[str, Any], dict]:
+    """:func:`_unwrap` for what ``torch.load`` returned, refusing tensors that claim more than their storage.
+
+    A pickle can describe a tensor of any shape over a one-element storage (stride 0): a file of a
+    few hundred bytes would otherwise hand us terabytes to copy.
+    """
+    state, meta = _unwrap(obj)
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor):
+            claimed, held = value.numel() * value.element_size(), value.untyped_storage().nbytes()
+            if claimed > held:
+                raise UnsafeCheckpointError(
+                    f"{name}: tensor {key!r} of shape {tuple(value.shape)} claims {claimed} bytes over a storage "
+                    f"of {held} bytes (an expanded or overlapping view); refused"
+                )
+    return state, meta
 
 
 def _is_torch_zip(f: BinaryIO) -> bool:
@@ -126,6 +183,9 @@ def _read_folder(path: Path) -> tuple[dict[str, Any], dict]:
         index = path / index_name
         if index.exists():
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            for shard in shards:  # an index names files beside it, never elsewhere
+                if not isinstance(shard, str) or shard in ("", ".", "..") or Path(shard).name != shard:
+                    raise UnsafeCheckpointError(f"{index} is refused: it names {shard!r}, not a file of {path}")
             state: dict[str, Any] = {}
             for shard in shards:
                 state.update(_read(path / shard)[0])
@@ -549,7 +609,65 @@ def load_model(path: str | os.PathLike, *, device: torch.device | str | None = N
     raw, meta = _read(path)
     if detect_format(raw, meta) != "vit" or not meta.get("config"):
         raise ValueError(f"{path} is not a vit-platform checkpoint; build the model and use load_checkpoint")
-    config = ViTConfig(**{**_config_fields(json.loads(meta["config"])), **overrides})
+    try:
+        saved = _config_fields(json.loads(meta["config"]))
+    except (TypeError, ValueError, AttributeError) as err:
+        raise ValueError(f"{path}: its saved config is not readable: {err}") from err
+    _check_saved_config(path, saved, raw)  # the file's word on sizes is checked before anything is built
+    config = ViTConfig(**{**saved, **overrides})
     model = VisionTransformer(config, device=device)
     _load_state(model, raw, meta, strict=True, pos_embed_method="bilinear")
     return model
+
+
+def _check_saved_config(path: str | os.PathLike, saved: dict, raw: Mapping[str, Any]) -> None:
+    """Refuse a file whose saved config does not describe exactly the tensors it holds.
+
+    The config decides how much :func:`load_model` allocates, and it is a few bytes of JSON: a tiny
+    file could declare a model of any size. Here the model is built on the meta device (no memory)
+    and its state dict must match the file's tensors name for name and shape for shape, so the model
+    built afterwards is no larger than the tensors the file really holds, which must in turn fit
+    in the bytes on disk. The module count is checked first: even on meta, building costs time
+    and memory per block.
+    """
+
+    def refuse(problem: str, missing=(), unexpected=(), mismatched=()) -> CheckpointMismatchError:
+        return CheckpointMismatchError(
+            "vit", list(missing), list(unexpected), list(mismatched), source=path, problem=problem
+        )
+
+    before = "is refused before building a model: its saved config"
+    blocks = {int(m[1]) for k in raw if (m := re.match(r"blocks\.(\d+)\.", k))}
+    depth = saved.get("depth", ViTConfig.depth)
+    if type(depth) is not int or depth != len(blocks) or blocks != set(range(len(blocks))):
+        raise refuse(f"{before} declares depth {depth!r} but the file holds {len(blocks)} encoder block(s)")
+    layers = saved.get("resnet_layers", ViTConfig.resnet_layers)
+    units = {(int(m[1]), int(m[2])) for k in raw if (m := re.match(r"stem\.stages\.(\d+)\.blocks\.(\d+)\.", k))}
+    per_stage = Counter(stage for stage, _ in units)
+    held = [per_stage[i] for i in range(len(per_stage))]
+    if (units or layers is not None) and not (isinstance(layers, list | tuple) and list(layers) == held):
+        raise refuse(f"{before} declares ResNet stages {layers!r} but the file holds {held or 'none'}")
+    try:
+        config = ViTConfig(**saved)
+        expected = VisionTransformer(config, device="meta").state_dict()
+    except Exception as err:  # TypeError, ValueError, RuntimeError from sizes that make no model
+        raise ValueError(f"{path} is refused: its saved config describes no model: {err}") from err
+    found = {k: tuple(v.shape) for k, v in raw.items()}
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    mismatched = sorted(
+        f"{k}: file {found[k]} vs config {tuple(expected[k].shape)}"
+        for k in set(expected) & set(found)
+        if found[k] != tuple(expected[k].shape)
+    )
+    if missing or unexpected or mismatched:
+        raise refuse(f"{before} does not describe the tensors it holds", missing, unexpected, mismatched)
+    claimed = sum(v.numel() * v.element_size() if isinstance(v, torch.Tensor) else v.nbytes for v in raw.values())
+    source = Path(path)
+    files = [f for f in source.iterdir() if f.is_file()] if source.is_dir() else [source]
+    on_disk = sum(f.stat().st_size for f in files)
+    if claimed > on_disk:
+        raise UnsafeCheckpointError(
+            f"{path} is refused before building a model: its tensors claim {claimed} bytes but it holds "
+            f"{on_disk} bytes (tensors sharing or expanding storage)"
+        )

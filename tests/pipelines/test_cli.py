@@ -106,3 +106,22 @@ def test_corpus_shard_and_verify_from_the_command_line(tmp_path):
     assert result.returncode == 2 and "test-000000.tar" in result.stdout
     result = run("shard", str(digits), str(tmp_path / "other"), "--shard-bytes", "lots")
     assert result.returncode == 2 and "--shard-bytes" in result.stderr
+
+
+def test_registry_commands_do_not_make_an_empty_store_where_there_is_none(tmp_path):
+    import os
+
+    from PIL import Image
+
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    image = tmp_path / "digit.png"
+    Image.new("RGB", (8, 8)).save(image)
+    for args in (
+        ["registry", "list"],
+        ["registry", "show", "vit-demo"],
+        ["predict", "models:/vit-demo@champion", image.name],
+    ):
+        result = subprocess.run([VIT, *args], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert f"error: no MLflow store at {tmp_path}/mlflow.db" in result.stderr and "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == [image]

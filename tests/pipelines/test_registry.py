@@ -21,6 +21,7 @@ import uuid
 from pathlib import Path
 
 import mlflow
+import mlflow.sklearn
 import numpy as np
 import pandas as pd
 import pytest
@@ -30,7 +31,17 @@ from PIL import Image
 
 import vit
 from pipelines import registry
-from pipelines.registry import RegistryError, describe_model, list_models, log_vit_model, predict_images, promote
+from pipelines.registry import (
+    ForeignModelError,
+    RegistryError,
+    check_platform_model,
+    describe_model,
+    list_models,
+    load_pyfunc,
+    log_vit_model,
+    predict_images,
+    promote,
+)
 from vit.data import build_transform, normalize
 
 IMAGE_SIZE = 32
@@ -393,7 +404,8 @@ def test_cli_lists_shows_promotes_and_predicts(tracking, champion, image_files, 
     table = runner.invoke(registry.predict, [f"models:/{champion}@champion", *image_files[:4]])
     assert table.exit_code == 0, table.output
     lines = table.stdout.splitlines()  # the progress bar goes to stderr
-    assert lines[0].split() == ["image", "label", "probability"]
+    assert lines[0].split()[:5] == ["image", "label", "probability", "label2", "p2"]  # the default top 5
+    assert lines[0].split()[-2:] == ["label5", "p5"]
     assert [line.split()[1] for line in lines[1:]] == [CLASSES[i] for i in reference.argmax(-1)[:4].tolist()]
 
     as_json = runner.invoke(
@@ -424,3 +436,162 @@ def test_cli_user_errors_exit_2_without_a_traceback(tracking, champion, image_fi
         assert down.exit_code == 2 and down.stderr.startswith("error: cannot reach the MLflow server"), down.output
     finally:
         mlflow.set_tracking_uri(tracking)
+
+
+def test_the_prediction_table_shows_the_top_k_labels_of_each_image(tracking, champion, image_files, reference):
+    runner = CliRunner()
+    uri = f"models:/{champion}@champion"
+    table = runner.invoke(registry.predict, [uri, *image_files[:4], "--top-k", "3"])
+    assert table.exit_code == 0, table.output
+    lines = table.stdout.splitlines()
+    assert lines[0].split() == ["image", "label", "probability", "label2", "p2", "label3", "p3"]
+    best = reference[:4].topk(3, dim=-1)
+    assert len(lines) == 5
+    for line, path, ids, probabilities in zip(lines[1:], image_files, best.indices.tolist(), best.values.tolist()):
+        cells = line.split()
+        assert cells[0] == path and len(cells) == 7, line
+        assert cells[1::2] == [CLASSES[i] for i in ids], line  # best first
+        assert [float(p) for p in cells[2::2]] == pytest.approx(probabilities, abs=1e-4), line
+
+    one = runner.invoke(registry.predict, [uri, image_files[0], "--top-k", "1"])
+    assert one.exit_code == 0 and one.stdout.splitlines()[0].split() == ["image", "label", "probability"]
+    every = runner.invoke(registry.predict, [uri, image_files[0], "--top-k", "50"])  # at most every class
+    assert every.exit_code == 0 and every.stdout.splitlines()[0].split()[-2:] == ["label10", "p10"], every.output
+
+
+# --- refusing models of other kinds ---------------------------------------------------------------------------------
+
+
+class _WritesOnUnpickle:
+    """Unpickling this writes a file: a pickle can call any function it names, so loading one runs its code."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.write_text, (self.path, "unpickled"))
+
+
+class _HostilePickledModel(mlflow.pyfunc.PythonModel):
+    """A cloudpickled python_model that writes the sentinel when unpickled, loaded and used."""
+
+    def __init__(self, sentinel: Path):
+        self.sentinel = sentinel
+        self.payload = _WritesOnUnpickle(sentinel)
+
+    def load_context(self, context):
+        self.sentinel.write_text("load_context ran")
+
+    def predict(self, context, model_input: list[str], params=None) -> list[str]:
+        self.sentinel.write_text("predict ran")
+        return model_input
+
+
+@pytest.fixture
+def look_alike_artifacts(weights, tmp_path) -> dict[str, str]:
+    """Our model's artifacts, so that a hostile model looks like ours in everything but its code."""
+    (tmp_path / "classes.json").write_text(json.dumps(CLASSES))
+    (tmp_path / "preprocessing.json").write_text(json.dumps({"image_size": IMAGE_SIZE}))
+    return {
+        "weights": str(weights),
+        "classes": str(tmp_path / "classes.json"),
+        "preprocessing": str(tmp_path / "preprocessing.json"),
+    }
+
+
+def _register_run_model(experiment: str, log) -> str:
+    """Log a model named "model" in a new run with ``log()``, register it as we register ours; its URI."""
+    name = _unique("vit-hostile")
+    with mlflow.start_run(experiment_id=experiment) as run:
+        log()
+    registry.register_model(run.info.run_id, name)
+    return f"models:/{name}@challenger"
+
+
+def test_predict_refuses_a_pickled_python_model_and_runs_none_of_it(
+    tracking, experiment, champion, image_files, look_alike_artifacts, tmp_path
+):
+    sentinel = tmp_path / "sentinel"
+    uri = _register_run_model(
+        experiment,
+        lambda: mlflow.pyfunc.log_model(
+            name="model",
+            python_model=_HostilePickledModel(sentinel),
+            artifacts=look_alike_artifacts,
+            metadata={"vit_platform": "1"},  # the marker proves nothing: anyone can write it
+            pip_requirements=["mlflow"],
+        ),
+    )
+    sentinel.unlink(missing_ok=True)
+    message = (
+        f"{uri} is not a model of this platform (its pyfunc is a pickled python_model: loading it would run "
+        "arbitrary code); load it with mlflow directly if you trust it"
+    )
+    refused = CliRunner().invoke(registry.predict, [uri, image_files[0]])
+    assert refused.exit_code == 2, refused.output
+    assert refused.stderr.splitlines()[-1] == f"error: {message}" and "Traceback" not in refused.output
+    with pytest.raises(ForeignModelError) as error:
+        predict_images(uri, [image_files[0]], progress=False)
+    assert str(error.value) == message
+    with pytest.raises(ForeignModelError, match="pickled python_model"):
+        load_pyfunc(uri)
+    assert not sentinel.exists()
+
+    ours = CliRunner().invoke(registry.predict, [f"models:/{champion}@champion", image_files[0]])
+    assert ours.exit_code == 0, ours.output
+    # The control: MLflow itself loads it, and that runs the pickle's code.
+    mlflow.pyfunc.load_model(uri)
+    assert sentinel.exists()
+
+
+def test_predict_refuses_other_code_and_other_flavors(
+    tracking, experiment, digits, image_files, look_alike_artifacts, tmp_path
+):
+    sentinel = tmp_path / "sentinel"
+    code = tmp_path / "classifier.py"
+    code.write_text(
+        "import pathlib\n"
+        "import mlflow\n"
+        f"pathlib.Path({str(sentinel)!r}).write_text('foreign code ran')\n"
+        "class Model(mlflow.pyfunc.PythonModel):\n"
+        "    def predict(self, context, model_input: list[str], params=None) -> list[str]:\n"
+        "        return model_input\n"
+        "mlflow.models.set_model(Model())\n"
+    )
+    foreign = _register_run_model(
+        experiment,
+        lambda: mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(code),
+            artifacts=look_alike_artifacts,
+            metadata={"vit_platform": "1"},
+            pip_requirements=["mlflow"],
+        ),
+    )
+    assert sentinel.exists()  # MLflow ran the file when logging it: a model from code runs its code
+    sentinel.unlink()
+    with pytest.raises(ForeignModelError, match=r"its pyfunc is the code file 'classifier.py', not .* pyfunc_model.py"):
+        predict_images(foreign, digits["pngs"][:1], progress=False)
+    assert not sentinel.exists()
+
+    from sklearn.linear_model import LogisticRegression
+
+    flat = np.stack(digits["arrays"])[..., 0].reshape(NUM_IMAGES, -1)
+    fitted = LogisticRegression(max_iter=50).fit(flat, digits["targets"])
+    other = _register_run_model(experiment, lambda: mlflow.sklearn.log_model(fitted, name="model"))
+    refused = CliRunner().invoke(registry.predict, [other, image_files[0]])
+    assert refused.exit_code == 2, refused.output
+    assert "is not a model of this platform (its pyfunc is loaded by 'mlflow.sklearn'" in refused.stderr
+
+
+def test_our_model_is_recognised_by_its_structure_and_loads(champion, digits, reference):
+    from mlflow.models import Model
+
+    uri = f"models:/{champion}@champion"
+    mlmodel = Model.load(uri)
+    assert mlmodel.metadata["vit_platform"] == "1"
+    check_platform_model(uri, mlmodel)  # passes
+    flavor = mlmodel.flavors["python_function"]
+    assert flavor["loader_module"] == "mlflow.pyfunc.loaders.code_model" and "python_model" not in flavor
+    assert Path(flavor["model_code_path"]).name == "pyfunc_model.py"
+    _check(load_pyfunc(uri).predict(pd.DataFrame({"image": digits["pngs"]})), reference)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -315,3 +316,31 @@ def test_configs_are_checked_before_anything_runs(synth_shards, tmp_path):
     finetune = load_train_config("finetune", None, [])
     assert (finetune.optim.name, finetune.batch_size, finetune.data.image_size) == ("sgd", 512, 384)
     assert dataclasses.asdict(finetune.optim)["weight_decay"] == 0.0
+
+
+def test_a_damaged_shard_stops_training_once_with_one_error_line_naming_it(synth_shards, tmp_path):
+    """A data error is deterministic: the same bytes fail again. No worker-group restarts (max_failures is for
+    machines), no tracebacks: one `error:` line that names the shard."""
+    import shutil
+    import subprocess
+    import sys
+
+    shards = tmp_path / "shards"
+    shutil.copytree(synth_shards, shards)
+    damaged = shards / "train-000003.tar"
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])  # cut short, as a failed copy leaves it
+    vit_command = str(Path(sys.executable).parent / "vit")
+    args = [a for a in TINY if not a.startswith("steps=")]
+    result = subprocess.run(
+        [vit_command, "pretrain", *args, "steps=40", "max_failures=3", "tracking.enabled=false",
+         f"data.shards={shards}", f"storage_path={tmp_path / 'runs'}", "name=damaged"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "train-000003.tar" in errors[0] and "not retried" in errors[0], result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert "restart" not in (result.stdout + result.stderr).lower()
+    # Rank 0's progress lines reached the terminal, Ray's own messages did not.
+    assert re.search(r"^step 4\s+epoch [\d.]+\s+loss", result.stdout, re.MULTILINE), result.stdout
+    assert "RayTrainWorker" not in result.stdout + result.stderr and "pid=" not in result.stdout + result.stderr

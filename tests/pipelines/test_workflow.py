@@ -59,6 +59,9 @@ def test_the_pipeline_runs_every_step_and_tells_the_story_in_mlflow(pipeline):
 
     workdir, stdout, parent_id = pipeline
     top1 = float(re.search(r"held-out top-1\s+([\d.]+)%", stdout)[1])
+    # Training progress reaches the terminal (rank 0's lines, indented under their step), Ray's chatter does not.
+    assert re.search(r"^\s+step 6\s+epoch [\d.]+\s+loss", stdout, re.MULTILINE), stdout
+    assert "RayTrainWorker" not in stdout and "TrainController" not in stdout
     assert 0.0 <= top1 <= 100.0 and "models:/wf-model/1" in stdout and "mlflow" in stdout.lower()
     client = mlflow.MlflowClient()
     parent = client.get_run(parent_id)

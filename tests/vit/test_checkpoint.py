@@ -7,7 +7,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import json
 import os
 import pickle
 
@@ -17,7 +19,7 @@ import torch
 from scipy.special import erf
 
 import vit
-from vit.checkpoint import CheckpointMismatchError, detect_format
+from vit.checkpoint import FORMAT_NAME, CheckpointMismatchError, UnsafeCheckpointError, detect_format
 
 transformers = pytest.importorskip("transformers")
 
@@ -402,19 +404,171 @@ def test_meta_model_gets_tensors_assigned():
         assert torch.equal(meta.eval()(x), src(x))
 
 
-class _Boom:
+class _Touch:
+    """Unpickling this creates a file: the stand-in for any code a pickle can run."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
     def __reduce__(self):
-        return (os.system, ("echo pwned > /tmp/vit-pwned",))
+        return (open, (self.path, "w"))
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
-def test_hostile_pickle_is_refused(tmp_path):
-    path = tmp_path / "evil.pth"
-    with open(path, "wb") as f:
-        pickle.dump({"patch_embed.proj.weight": _Boom()}, f)
-    with pytest.raises(ValueError, match="weights-only"):
-        vit.load_checkpoint(tiny(), path)
-    assert not os.path.exists("/tmp/vit-pwned")
+def test_hostile_pickle_is_refused_without_advice_to_unpickle_it(tmp_path):
+    sentinel = tmp_path / "SENTINEL"
+    raw = tmp_path / "raw.pth"  # a bare pickle
+    with open(raw, "wb") as f:
+        pickle.dump({"patch_embed.proj.weight": _Touch(sentinel)}, f)
+    zipped = tmp_path / "zipped.pth"  # torch.save's format, as a released checkpoint would be
+    torch.save({"patch_embed.proj.weight": _Touch(sentinel)}, zipped)
+    for path in (raw, zipped):
+        with pytest.raises(UnsafeCheckpointError) as err:
+            vit.load_checkpoint(tiny(), path)
+        message = str(err.value)
+        assert str(path) in message and "refused" in message
+        assert "weights_only" not in message and "trusted source" not in message  # torch's advice is dropped
+    with pytest.raises(UnsafeCheckpointError, match=r"arbitrary Python objects \(it asks for io\.open\)"):
+        vit.load_checkpoint(tiny(), zipped)
+    with open(zipped, "rb") as f, pytest.raises(UnsafeCheckpointError, match="zipped.pth is refused") as err:
+        vit.load_checkpoint(tiny(), f)
+    assert "weights_only" not in str(err.value)
+    with pytest.raises(UnsafeCheckpointError):
+        vit.load_model(zipped)
+    assert not sentinel.exists()
+
+
+def _hostile_config(**fields) -> dict:
+    return {**dataclasses.asdict(vit.ViTConfig()), **fields}
+
+
+def _write_ours(path, state: dict, config: dict):
+    """A file in our format whose config says whatever the test wants."""
+    from safetensors.torch import save_file
+
+    if path.suffix == ".safetensors":
+        save_file(state, str(path), metadata={"format": FORMAT_NAME, "version": "1", "config": json.dumps(config)})
+    else:
+        torch.save({"format": FORMAT_NAME, "version": 1, "config": config, "state_dict": state}, path)
+    return path
+
+
+def test_load_model_checks_the_saved_config_against_the_tensors_before_building(tmp_path):
+    model = tiny()
+    config = dataclasses.asdict(model.config)
+    state = model.state_dict()
+    deeper = _write_ours(tmp_path / "deeper.safetensors", state, {**config, "depth": 3})
+    with pytest.raises(CheckpointMismatchError, match="declares depth 3 but the file holds 2") as err:
+        vit.load_model(deeper)
+    assert str(deeper) in str(err.value) and "refused before building a model" in str(err.value)
+
+    wider = _write_ours(tmp_path / "wider.pt", state, {**config, "mlp_dim": 256})
+    with pytest.raises(CheckpointMismatchError, match="refused before building a model") as err:
+        vit.load_model(wider)
+    assert str(wider) in str(err.value)
+    assert "blocks.0.mlp.fc1.weight: file (128, 64) vs config (256, 64)" in err.value.mismatched
+
+    hybrid = vit.create_model("R26+Mu/32", img_size=64, num_classes=5)
+    stages = _write_ours(
+        tmp_path / "stages.safetensors",
+        hybrid.state_dict(),
+        {**dataclasses.asdict(hybrid.config), "resnet_layers": [2, 2, 2, 3]},
+    )
+    with pytest.raises(CheckpointMismatchError, match=r"declares ResNet stages \[2, 2, 2, 3\] but the file holds"):
+        vit.load_model(stages)
+    nonsense = _write_ours(tmp_path / "nonsense.safetensors", state, {**config, "width": -64})
+    with pytest.raises(ValueError, match="nonsense.safetensors is refused: its saved config describes no model"):
+        vit.load_model(nonsense)
+    # the honest files still load, hybrids included
+    assert vit.load_model(_write_ours(tmp_path / "ok.safetensors", state, config)).config == model.config
+    assert vit.load_model(vit.save_checkpoint(hybrid, tmp_path / "hybrid.pt")).config == hybrid.config
+
+
+def test_tensors_claiming_more_than_their_storage_are_refused(tmp_path):
+    model = tiny()
+    config = dataclasses.asdict(model.config)
+    # each tensor a view of one shared storage: every one fits in it, together they claim far more
+    shared = torch.randn(max(v.numel() for v in model.state_dict().values()))
+    views = {k: shared[: v.numel()].view(v.shape) for k, v in model.state_dict().items()}
+    path = _write_ours(tmp_path / "shared.pt", views, config)
+    with pytest.raises(UnsafeCheckpointError, match="shared.pt is refused before building a model: its tensors claim"):
+        vit.load_model(path)
+    # one element expanded (stride 0) to a whole tensor: refused on reading, whatever the model
+    expanded = dict(model.state_dict(), pos_embed=torch.zeros(1).expand(1, 1 + 64 * 64, 64))
+    torch.save(expanded, tmp_path / "expanded.pth")
+    with pytest.raises(UnsafeCheckpointError, match="'pos_embed' of shape \\(1, 4097, 64\\) claims 1048832 bytes"):
+        vit.load_checkpoint(tiny(), tmp_path / "expanded.pth")
+
+
+_LOAD_UNDER_2_GIB_MORE = """
+import json, resource, sys
+import vit
+from pathlib import Path
+
+status = Path("/proc/self/status").read_text()
+address_space = int(status.split("VmSize:")[1].split()[0]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (address_space + (2 << 30), resource.RLIM_INFINITY))
+outcomes = {}
+for path in sys.argv[1:]:
+    try:
+        vit.load_model(path)
+        outcomes[path] = "built"
+    except BaseException as err:
+        outcomes[path] = f"{type(err).__name__}: {err}"
+print(json.dumps(outcomes))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the address space from /proc")
+def test_tiny_files_declaring_a_huge_model_are_refused_in_bounded_memory(tmp_path):
+    """The review's case: a few hundred bytes declaring width 12288 x depth 96 (174 G parameters).
+
+    Loaded in a child process allowed 2 GiB more address space than it has after importing torch:
+    building any part of that model fails there with an allocation error instead of eating the
+    machine; refusing it from the file alone raises our error.
+    """
+    import subprocess
+    import sys
+
+    huge = _hostile_config(width=12288, depth=96, num_heads=96, mlp_dim=49152)
+    bare = _write_ours(tmp_path / "bare.safetensors", {"cls_token": torch.zeros(1, 1, 1)}, huge)
+    assert bare.stat().st_size < 1024
+    # every key the huge model has, each one number: gets past the block count to the shape check
+    on_meta = vit.VisionTransformer(vit.ViTConfig(**huge), device="meta")
+    shapes = {k: tuple(v.shape) for k, v in on_meta.state_dict().items()}
+    keys = _write_ours(tmp_path / "keys.safetensors", {k: torch.zeros(1) for k in shapes}, huge)
+    # every tensor at its full shape, each a single element expanded: a 200 kB file
+    expanded = _write_ours(tmp_path / "expanded.pt", {k: torch.zeros(1).expand(s) for k, s in shapes.items()}, huge)
+    assert expanded.stat().st_size < 1 << 20
+    files = [str(bare), str(keys), str(expanded)]
+    done = subprocess.run(
+        [sys.executable, "-c", _LOAD_UNDER_2_GIB_MORE, *files], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    outcomes = json.loads(done.stdout.strip().splitlines()[-1])
+    assert outcomes[str(bare)].startswith("CheckpointMismatchError: vit checkpoint " + str(bare))
+    assert "declares depth 96 but the file holds 0 encoder block(s)" in outcomes[str(bare)]
+    assert outcomes[str(keys)].startswith("CheckpointMismatchError: vit checkpoint " + str(keys))
+    assert "refused before building a model" in outcomes[str(keys)]
+    assert outcomes[str(expanded)].startswith("UnsafeCheckpointError: " + str(expanded))
+    assert "claims 49152 bytes over a storage of 4 bytes (an expanded or overlapping view)" in outcomes[str(expanded)]
+
+
+def test_sharded_index_naming_files_outside_its_folder_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    save_file(vit.to_hf_state_dict(tiny()), str(tmp_path / "outside.safetensors"))
+    weight_map = {k: "../outside.safetensors" for k in vit.to_hf_state_dict(tiny())}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(UnsafeCheckpointError, match="names '../outside.safetensors', not a file of"):
+        vit.load_checkpoint(tiny(), folder)
+    # the same index naming its own shard loads
+    (folder / "outside.safetensors").write_bytes((tmp_path / "outside.safetensors").read_bytes())
+    weight_map = {k: "outside.safetensors" for k in weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    assert vit.load_checkpoint(tiny(), folder).format == "hf"
 
 
 def test_npz_with_object_arrays_is_refused(tmp_path):
