@@ -264,7 +264,7 @@ def _train_command(recipe: str, config_path: str | None, overrides: tuple[str, .
         _fail(str(err))
     from pipelines.tracking import TrackingError
 
-    _init_ray(address)  # rank 0's progress reaches the terminal through pipelines.progress, without Ray's chatter
+    _init_ray(address)
     try:
         result = run_training(cfg, log=click.echo)
     except (TrainingDivergedError, TrainingDataError, TrackingError) as err:

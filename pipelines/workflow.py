@@ -150,28 +150,36 @@ def _check(cfg: PipelineConfig) -> None:
         raise ConfigError("register.model_name: the registered model needs a name")
 
 
-def init_ray(address: str | None = None, *, log_to_driver: bool = False) -> None:
+def init_ray(address: str | None = None) -> None:
     """Join ``address``, or ``RAY_ADDRESS`` (set inside a Ray Job), else start a Ray of our own: never one that
     happens to run on this machine, which a bare ``ray.init()`` would join. More logical CPUs than cores: a
-    job's operators reserve CPUs and must not starve each other."""
-    import ray
+    job's operators reserve CPUs and must not starve each other.
 
+    The terminal gets what our commands print (their lines and bars, training progress through
+    ``pipelines.progress``), not Ray's own: the actors' output stays in Ray's log files (``log_to_driver=False``),
+    and so does Ray Data's per-dataset plan and progress, which it prints at INFO."""
+    import logging
+
+    import ray
+    import ray.data  # configures its loggers when imported: quieted below, after that
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(max(handler.level, logging.WARNING))
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=log_to_driver)
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
     else:
         cpus = max(4, os.cpu_count() or 1)
-        ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=log_to_driver)
-
-
-def _init_ray() -> None:
-    """Started by the first step that needs Ray: a pipeline whose steps are all cached needs none."""
-    import logging
-
-    logging.getLogger("ray.data").setLevel(logging.WARNING)  # per-operator progress: the step reports its own
-    init_ray()
+        ray.init(
+            address="local",
+            num_cpus=cpus,
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level=logging.WARNING,
+        )
 
 
 class _Runner:
@@ -391,7 +399,7 @@ class _Runner:
         from pipelines.shard import ShardConfig, shard_corpus
         from pipelines.tracking import dataset_fingerprint
 
-        _init_ray()
+        init_ray()  # by the first step that needs it: a pipeline whose steps are all cached needs none
         outputs: dict[str, Any] = {}
         metrics: dict[str, float] = {}
         for which, data in self._datasets().items():
@@ -432,7 +440,7 @@ class _Runner:
     def _step_pretrain(self, label: str, attempt: str, inputs: dict) -> dict:
         cfg = self._training_config("pretrain", attempt)
         self.log(f"{label}: ViT-{cfg.model} on the pretraining shards, {cfg.scale.num_workers} Ray Train workers")
-        _init_ray()
+        init_ray()
         with _section("pretrain"):
             result = run_training(cfg, log=self._indent, parent_run_id=self.parent_id)
         top1 = result.metrics.get("eval/top1")
@@ -451,7 +459,7 @@ class _Runner:
         cfg.init_from = pretrained.get("checkpoint") or cfg.init_from
         tags = {"vit.pretrain_run_id": pretrained["mlflow_run_id"]} if pretrained.get("mlflow_run_id") else {}
         self.log(f"{label}: from {cfg.init_from}: a new zero-initialised head, the paper's SGD recipe")
-        _init_ray()
+        init_ray()
         with _section("finetune"):
             result = run_training(cfg, log=self._indent, parent_run_id=self.parent_id, tags=tags)
         return {

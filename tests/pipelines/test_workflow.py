@@ -44,24 +44,25 @@ def child_runs(client, parent_id: str) -> dict[str, list]:
 
 @pytest.fixture(scope="module")
 def pipeline(mlflow_server, tmp_path_factory):
-    """One toy pipeline run, tracked on the session's server: (workdir, stdout, parent run id)."""
+    """One toy pipeline run, tracked on the session's server: (workdir, stdout, parent run id, stderr)."""
     with pytest.MonkeyPatch.context() as env:
         env.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)  # for this module's subprocesses and clients
         workdir = tmp_path_factory.mktemp("pipeline") / "work"
         result = vit_run(workdir, experiment="wf", model="wf-model")
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         parent = re.search(r"pipeline run (\w+)", result.stdout)[1]
-        yield workdir, result.stdout, parent
+        yield workdir, result.stdout, parent, result.stderr
 
 
 def test_the_pipeline_runs_every_step_and_tells_the_story_in_mlflow(pipeline):
     import mlflow
 
-    workdir, stdout, parent_id = pipeline
+    workdir, stdout, parent_id, stderr = pipeline
     top1 = float(re.search(r"held-out top-1\s+([\d.]+)%", stdout)[1])
     # Training progress reaches the terminal (rank 0's lines, indented under their step), Ray's chatter does not.
     assert re.search(r"^\s+step 6\s+epoch [\d.]+\s+loss", stdout, re.MULTILINE), stdout
-    assert "RayTrainWorker" not in stdout and "TrainController" not in stdout
+    assert "RayTrainWorker" not in stdout + stderr and "TrainController" not in stdout + stderr
+    assert "streaming_executor" not in stderr and "Traceback" not in stderr  # nor Ray Data's per-dataset plans
     assert 0.0 <= top1 <= 100.0 and "models:/wf-model/1" in stdout and "mlflow" in stdout.lower()
     client = mlflow.MlflowClient()
     parent = client.get_run(parent_id)
@@ -86,7 +87,7 @@ def test_the_pipeline_runs_every_step_and_tells_the_story_in_mlflow(pipeline):
 
 
 def test_the_registered_champion_predicts_in_a_fresh_process(pipeline):
-    workdir, _, _ = pipeline
+    workdir, _, _, _ = pipeline
     images = sorted((workdir / "corpus" / "digits" / "test").glob("*/*.png"))[:40:8]
     result = subprocess.run(
         [VIT, "predict", "models:/wf-model@champion", *map(str, images), "--json"],
@@ -103,7 +104,7 @@ def test_the_registered_champion_predicts_in_a_fresh_process(pipeline):
 def test_a_rerun_skips_finished_steps_and_from_and_only_rerun_on_purpose(pipeline):
     import mlflow
 
-    workdir, _, parent_id = pipeline
+    workdir, _, parent_id, _ = pipeline
     client = mlflow.MlflowClient()
     experiment = client.get_run(parent_id).info.experiment_id
     before = len(client.search_runs([experiment]))
