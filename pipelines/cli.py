@@ -186,7 +186,22 @@ def _head_size(raw: dict, fmt: str) -> int:
 @click.option("--max-side", type=int, default=None, help="Resize longer sides above this on ingest.")
 @click.option("--eval-set", "eval_sets", multiple=True, help="Downstream set to de-duplicate against (repeatable).")
 @click.option("--dedup-distance", type=int, default=4, show_default=True, help="Max pHash Hamming distance.")
-@click.option("--overwrite", is_flag=True, help="Replace shards made with other settings.")
+@click.option(
+    "--max-file-bytes",
+    type=str,
+    default=None,
+    help="Reject inputs larger than this, unread, e.g. 64MiB or 500MB [default: 64MiB].",
+)
+@click.option(
+    "--follow-symlinks",
+    is_flag=True,
+    help="Read symlinks to regular files anywhere (default: only those resolving inside SRC).",
+)
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace shards made with other settings (only in a folder holding nothing but `vit shard` outputs).",
+)
 def shard(src: str, dst: str | None, address: str | None, overwrite: bool, **options) -> None:
     """Shard the corpus at SRC into WebDataset tars at DST (any fsspec URL: a path, s3://...).
 
@@ -199,16 +214,19 @@ def shard(src: str, dst: str | None, address: str | None, overwrite: bool, **opt
         _fail("missing DST: vit shard SRC DST")
     from pipelines.shard import ShardConfig, ShardError, shard_corpus
 
-    shard_bytes = options.pop("shard_bytes")
+    shard_bytes, max_file_bytes = options.pop("shard_bytes"), options.pop("max_file_bytes")
     options["eval_sets"] = list(options["eval_sets"])
     try:
         if shard_bytes:
-            options["shard_bytes"] = _parse_bytes(shard_bytes)
+            options["shard_bytes"] = _parse_bytes(shard_bytes, "--shard-bytes")
         elif options["shard_samples"] is None:
             options["shard_samples"] = 10_000
+        if max_file_bytes:
+            options["max_file_bytes"] = _parse_bytes(max_file_bytes, "--max-file-bytes")
         cfg = ShardConfig(src=src, dst=dst, **options)
-    except ValueError as err:
-        _fail(str(err))
+    except ValueError as err:  # a ShardConfig check names its field: shown as the option that sets it
+        field_name, sep, rest = str(err).partition(":")
+        _fail(f"--{field_name.replace('_', '-')}:{rest}" if sep and field_name in options else str(err))
     _init_ray(address)
     try:
         summary = shard_corpus(cfg, overwrite=overwrite, progress=True, log=click.echo)
@@ -232,13 +250,13 @@ def _verify(dst: str | None) -> None:
     click.echo(f"{dst}: every shard matches the manifest")
 
 
-def _parse_bytes(text: str) -> int:
+def _parse_bytes(text: str, option: str) -> int:
     units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
     number = text.strip().upper().rstrip()
     unit = "".join(ch for ch in number if ch.isalpha())
     value = number[: len(number) - len(unit)].strip()
     if unit not in units or not value:
-        raise ValueError(f"--shard-bytes: cannot read {text!r} (use e.g. 500MB or 1GB)")
+        raise ValueError(f"{option}: cannot read {text!r} (use e.g. 500MB or 1GB)")
     return int(float(value) * units[unit])
 
 

@@ -22,6 +22,7 @@ import io
 import json
 import math
 import multiprocessing
+import posixpath
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -556,8 +557,14 @@ def import_digits(
 # Storage helpers: one code path for every fsspec filesystem.
 
 
+MARKER = ".vit-corpus"  # written first into every corpus made here: what --overwrite may replace (hidden: not sharded)
+# A corpus written before the marker existed: only these entries, at the top (a folder-layout corpus of class
+# folders cannot be told from a user's own ImageFolder tree, so it needs the marker).
+_LEGACY_ENTRIES = {"classes.json", "labels.parquet", "images", "train", "test"}
+
+
 def _prepare_root(fs: fsspec.AbstractFileSystem, root: str, dst: str, overwrite: bool) -> None:
-    """Make ``root`` an empty folder; replace an earlier corpus only when asked."""
+    """Make ``root`` an empty folder holding the marker; replace an earlier corpus made here only when asked."""
     if fs.exists(root):
         if fs.isfile(root):
             raise FileExistsError(f"{dst} is a file, not a folder")
@@ -565,14 +572,16 @@ def _prepare_root(fs: fsspec.AbstractFileSystem, root: str, dst: str, overwrite:
         if entries:
             if not overwrite:
                 raise FileExistsError(f"{dst} is not empty; pass --overwrite (overwrite=True) to replace it")
-            if not fs.exists(f"{root}/classes.json"):
+            names = {posixpath.basename(e.rstrip("/")) for e in entries}
+            if MARKER not in names and not ("classes.json" in names and names <= _LEGACY_ENTRIES):
                 raise FileExistsError(
-                    f"{dst} is not empty and has no classes.json, so it is not a corpus written here; "
+                    f"{dst} is not empty and is not a corpus written by `vit corpus` (no {MARKER}); "
                     "refusing to delete it even with --overwrite"
                 )
             fs.rm(entries, recursive=True)  # the contents, not the root: on S3 the root may be a whole bucket
             fs.invalidate_cache(root)
     fs.makedirs(root, exist_ok=True)
+    fs.pipe_file(f"{root}/{MARKER}", b'{"written_by": "vit corpus"}\n')
 
 
 def _is_process_local(fs: fsspec.AbstractFileSystem) -> bool:

@@ -21,13 +21,18 @@ nothing. Counts always balance: read = written + rejected.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import hashlib
 import io
+import itertools
 import json
 import math
+import os
 import posixpath
 import re
+import stat
 import tarfile
 import time
 import uuid
@@ -42,6 +47,7 @@ import numpy as np
 import pyarrow as pa
 from fsspec.implementations.local import LocalFileSystem
 
+from pipelines.config import check
 from pipelines.images import ImagePolicy, RejectedImage, normalize_image
 
 SourceKind = Literal["auto", "folder", "table", "tars"]
@@ -49,9 +55,20 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 SPLIT_DIRS = {"train", "val", "validation", "test", "valid"}
 TABLE_SUFFIXES = (".parquet", ".csv", ".jsonl")
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_\-]")
+# Keys made unique when two files of a folder share a stem (img1.jpg, img1.png): the later one listed gets
+# "~" and its extension (img1~png). Keys derived from paths never hold "~", so such a key cannot meet one.
+KEY_SUFFIX = "~"
+_TAR_KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_\-~]")  # keys read back from tars keep the suffix
 _MTIME = 1_600_000_000  # fixed tar timestamps: the same inputs give byte-identical shards
 _WRITE_BYTES = 1 << 20  # a shard is written in pieces of about this size
-WORK_DIR = "_work"
+
+# Everything shard_corpus writes in DST, and nothing else: a DST holding anything more is not replaced.
+WORK_DIR = "_work"  # the plan, done-markers and temporary shards of a run; removed when it finishes
+MANIFEST_FILE, INFO_FILE, CLASSES_FILE = "manifest.parquet", "_info.json", "classes.json"
+REJECTS_FILE, SUMMARY_FILE = "rejects.parquet", "summary.json"
+OUTPUT_FILES = (MANIFEST_FILE, INFO_FILE, CLASSES_FILE, REJECTS_FILE, SUMMARY_FILE)
+SPLIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")  # a split names shard files: no "/", no ".."
+_SHARD_FILE = re.compile(rf"(?:{SPLIT_NAME.pattern})-[0-9]{{6,}}\.tar")  # _shard_name's names
 
 
 class ShardError(ValueError):
@@ -75,18 +92,47 @@ class ShardConfig:
     max_side: int | None = None  # resize longer sides on ingest
     max_pixels: int = 89_478_485  # Pillow's own default bomb threshold
     jpeg_quality: int = 95
+    # Inputs larger than this are rejected (file-too-large) from their listed or stat'ed size, never read
+    max_file_bytes: int = 64 * 2**20
+    # Symlinks in a folder or tar source are read only when they resolve to a regular file inside SRC
+    # (rejected as "symlink" otherwise); True reads those resolving to a regular file anywhere.
+    follow_symlinks: bool = False
     eval_sets: list[str] = field(default_factory=list)  # fsspec URLs of downstream sets to de-duplicate against
     dedup_distance: int = 4  # max Hamming distance of 64-bit pHashes counted as a near-duplicate
     storage_options: dict = field(default_factory=dict)  # passed to fsspec (e.g. s3 endpoint, credentials)
+
+    def __post_init__(self) -> None:
+        """Settings checked before any work (a negative shard size would otherwise fail only after the whole job)."""
+        for name in ("shard_samples", "shard_bytes", "max_side"):
+            value = getattr(self, name)
+            check(value is None or value >= 1, f"{name}: must be at least 1 (or unset), got {value}")
+        check(bool(self.shard_samples or self.shard_bytes), "shard_samples: set shard_samples or shard_bytes")
+        check(0.0 <= self.val_fraction < 1.0, f"val_fraction: must be in [0, 1), got {self.val_fraction}")
+        check(1 <= self.jpeg_quality <= 100, f"jpeg_quality: must be in [1, 100], got {self.jpeg_quality}")
+        check(0 <= self.dedup_distance <= 64, f"dedup_distance: must be in [0, 64] bits, got {self.dedup_distance}")
+        check(self.max_pixels >= 1, f"max_pixels: must be at least 1, got {self.max_pixels}")
+        check(self.max_file_bytes >= 1, f"max_file_bytes: must be at least 1, got {self.max_file_bytes}")
 
     def fingerprint(self) -> str:
         """What decides the output; the same fingerprint means the same shards, byte for byte."""
         fields = dataclasses.asdict(self)
         fields.pop("storage_options")
+        for name, default in _FINGERPRINT_DEFAULTS.items():  # added later: left out at their default, so
+            if fields[name] == default:  # outputs made before they existed keep their fingerprint
+                fields.pop(name)
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
     def image_policy(self) -> ImagePolicy:
-        return ImagePolicy(max_side=self.max_side, max_pixels=self.max_pixels, jpeg_quality=self.jpeg_quality)
+        return ImagePolicy(
+            max_side=self.max_side,
+            max_pixels=self.max_pixels,
+            jpeg_quality=self.jpeg_quality,
+            max_bytes=self.max_file_bytes,
+        )
+
+
+# 64 MiB was already the limit (checked after reading, as ImagePolicy.max_bytes), so outputs are unchanged
+_FINGERPRINT_DEFAULTS = {"max_file_bytes": 64 * 2**20, "follow_symlinks": False}
 
 
 @dataclass
@@ -143,6 +189,22 @@ def _key_from_path(relpath: str) -> str:
     return _KEY_UNSAFE.sub("_", stem.replace("/", "__"))
 
 
+def _key_from_member(key: str) -> str:
+    """The key of a sample read from a tar: as ``_key_from_path``, but a ``KEY_SUFFIX`` made by an earlier
+    sharding is kept, so re-sharding keeps every key."""
+    return _TAR_KEY_UNSAFE.sub("_", key.replace("/", "__"))
+
+
+def _suffixed_key(key: str, source: str, taken: set[str]) -> str:
+    """A key for a file whose derived ``key`` an earlier file of the same stem holds: ``key~ext``
+    (``key~ext~2``, ... if even that is taken, as for ``a b.jpg`` beside ``a_b.jpg``)."""
+    name = posixpath.basename(source)
+    ext = _KEY_UNSAFE.sub("_", name.rsplit(".", 1)[1]) if "." in name else ""
+    base = f"{key}{KEY_SUFFIX}{ext}" if ext else key
+    numbered = (f"{base}{KEY_SUFFIX}{n}" for n in itertools.count(2))
+    return next(c for c in itertools.chain([base] if ext else [], numbered) if c not in taken)
+
+
 def _keys_from_paths(relpaths: pa.Array) -> list[str]:
     """``_key_from_path`` of each path, in Arrow: the Python version costs ~3 us a path."""
     import pyarrow.compute as pc
@@ -166,6 +228,7 @@ def _hash64(seed: int, salt: str, keys: list[str]) -> np.ndarray:
 
 
 def _shard_name(split: str, index: int) -> str:
+    """A shard's file name (``_SHARD_FILE`` matches every one: keep the two together)."""
     return f"{split}-{index:06d}.tar"
 
 
@@ -190,7 +253,7 @@ INDEX_SCHEMA = pa.schema(
         ("source", pa.string()),  # where it came from, relative to SRC, for the json and the rejects
         ("order", pa.uint64()),  # position in the global shuffle
         ("seq", pa.int64()),  # listing order: of rows sharing a key, the first listed is kept
-        ("reason", pa.string()),  # set when the input is rejected while listing (an unreadable tar)
+        ("reason", pa.string()),  # set when the input is rejected while listing (a FIFO, an unreadable tar)
         ("detail", pa.string()),
     ]
 )
@@ -221,6 +284,139 @@ def _visible(name: str) -> bool:
     return not posixpath.basename(name.rstrip("/")).startswith(".")
 
 
+# ------------------------------------------------------------------------------------ what is read
+#
+# Only regular files are read, and none larger than ``max_file_bytes``: both are decided from the
+# listing's own metadata (fsspec's ``ls``/``find`` with details: type and size at no extra cost, locally
+# and on object stores) and checked again on the open file before reading (a local file is opened
+# non-blocking and fstat'ed, an object is read by a ranged request of at most the cap). A FIFO, socket or
+# device is rejected as ``not-a-regular-file``, never opened for a blocking read. Symlinks (local only) are
+# read when they resolve to a regular file inside SRC (anywhere with ``follow_symlinks``), else rejected
+# as ``symlink``; symlinked folders are never descended into. A label table names its files itself: those
+# are read wherever they are, links followed, but only when regular and within the cap.
+
+
+class _Refused(Exception):
+    """An input refused before its bytes are read, with its reject reason."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+def _entry(path: str, info: dict) -> list:
+    """What the listing says of a file: [path, type, size, is a symlink] (compact: it travels in unit specs)."""
+    return [path.rstrip("/"), info.get("type"), info.get("size"), bool(info.get("islink"))]
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file"
+
+
+class _ListingCheck:
+    """Rejects decided from the listing alone: nothing is opened, symlinks are resolved, nothing else stat'ed."""
+
+    def __init__(self, fs, root: str, cfg: ShardConfig, *, cap: int | None = -1):
+        self.cap = cfg.max_file_bytes if cap == -1 else cap  # None: no cap (tars)
+        self.follow = cfg.follow_symlinks
+        self.real_root = os.path.realpath(root) if isinstance(fs, LocalFileSystem) else None
+
+    def reason(self, path: str, kind: str | None, size: int | None, link: bool) -> tuple[str, str] | None:
+        if link and self.real_root is not None:
+            return self._link(path)
+        if kind not in ("file", None):  # None: a filesystem that does not say; the read checks
+            return "not-a-regular-file", self._kind(path, kind)
+        if self.cap is not None and size is not None and size > self.cap:
+            return "file-too-large", f"{size} bytes > {self.cap}"
+        return None
+
+    def reasons(self, paths: list[str], infos: list[dict]) -> list[tuple[str, str] | None]:
+        """``reason`` of each file from its listing details (fsspec's info dicts), in one pass."""
+        cap = self.cap if self.cap is not None else float("inf")
+        return [
+            None
+            if info.get("type") == "file" and not info.get("islink") and (info.get("size") or 0) <= cap
+            else self.reason(path, info.get("type"), info.get("size"), bool(info.get("islink")))
+            for path, info in zip(paths, infos)
+        ]
+
+    def _link(self, path: str) -> tuple[str, str] | None:
+        try:
+            target = os.path.realpath(path, strict=True)
+            info = os.stat(target)
+        except OSError as err:
+            return "symlink", f"a broken link ({err.strerror})"
+        if not stat.S_ISREG(info.st_mode):
+            return "symlink", f"a link to {_file_kind(info.st_mode)} ({target})"
+        if not self.follow and not target.startswith(self.real_root + os.sep):
+            return "symlink", f"a link to {target}, outside the source"
+        if self.cap is not None and info.st_size > self.cap:
+            return "file-too-large", f"{info.st_size} bytes > {self.cap}"
+        return None
+
+    def _kind(self, path: str, kind: str) -> str:
+        if self.real_root is None:
+            return f"listed as {kind!r}"
+        try:
+            return _file_kind(os.lstat(path).st_mode)
+        except OSError as err:
+            return f"{kind} ({err.strerror})"
+
+
+def _read_whole(fs, paths: list[str], cap: int) -> list[bytes | Exception]:
+    """The bytes of each file, or the exception that stands for its reject; never more than ``cap`` + 1
+    bytes of one file are read."""
+    if isinstance(fs, LocalFileSystem):  # fsspec's cat costs ~20 us a file here, open() ~5
+        return [_read_local(p, cap) for p in paths]
+    got = fs.cat_ranges(paths, [0] * len(paths), [cap + 1] * len(paths), on_error="return")
+    out: list[bytes | Exception] = []
+    for path, data in zip(paths, got):
+        if isinstance(data, Exception) and not isinstance(data, FileNotFoundError):
+            # S3 refuses any range of an empty object (416): such an error is checked against the size
+            # (asked afresh: a long-lived worker's filesystem may hold a listing from before the object)
+            with contextlib.suppress(Exception):
+                fs.invalidate_cache(path)
+                data = b"" if fs.size(path) == 0 else data
+        elif not isinstance(data, Exception) and len(data) > cap:
+            data = _Refused("file-too-large", f"more than {cap} bytes")
+        out.append(data)
+    return out
+
+
+def _read_local(path: str, cap: int) -> bytes | Exception:
+    """A local file's bytes, or the exception that stands for its reject. Opened non-blocking (opening a
+    FIFO would wait for a writer) and checked on the open file: a regular file, within ``cap``."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as err:  # missing, unreadable: a reject, as fsspec's cat(on_error="return") gives
+        if err.errno == errno.ENXIO:  # a socket
+            return _Refused("not-a-regular-file", f"cannot be opened as a file ({err.strerror})")
+        return err
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_size > cap:
+        os.close(fd)
+        if not stat.S_ISREG(info.st_mode):
+            return _Refused("not-a-regular-file", _file_kind(info.st_mode))
+        return _Refused("file-too-large", f"{info.st_size} bytes > {cap}")
+    with open(fd, "rb") as f:
+        data = f.read(info.st_size + 1)  # one byte more: a file that grew since is read on, to the cap
+        if len(data) > info.st_size:
+            data += f.read(cap + 1 - len(data))
+        if len(data) > cap:
+            return _Refused("file-too-large", f"more than {cap} bytes")
+        return data
+
+
+def _check_regular_file(fs, path: str, what: str) -> None:
+    """A label table or class list must be a regular file: reading a FIFO would wait forever."""
+    kind = fs.info(path).get("type")
+    if kind not in ("file", None):
+        raise ShardError(f"{what} {path} is not a regular file ({kind})")
+
+
 def _listing_units(kind: str, fs, root: str, cfg: ShardConfig) -> list[dict]:
     """The units the index is built from, listed on the driver: one per class folder, label-table
     row group, or tar; a few thousand even for a JFT-sized corpus."""
@@ -232,31 +428,35 @@ def _listing_units(kind: str, fs, root: str, cfg: ShardConfig) -> list[dict]:
         url = _label_table_url(fs, root, cfg)
         return [{"kind": "table", "path": url, "part": part} for part in _table_parts(fs, url, cfg)]
     if kind == "tars":
-        tars = [root] if fs.isfile(root) else sorted(p for p in fs.find(root) if p.endswith(".tar"))
+        info = fs.info(root)
+        if info["type"] != "directory":  # one tar, named by the user: a link to it is fine
+            tars = [_entry(root, info | {"islink": False})]
+        else:
+            tars = [_entry(p, i) for p, i in sorted(fs.find(root, detail=True).items()) if p.endswith(".tar")]
         if not tars:
             raise ShardError(f"no .tar files in {cfg.src}")
-        return [{"kind": "tar", "path": p} for p in tars]
+        return [{"kind": "tar", "path": e[0], "entry": e} for e in tars]
     raise ShardError(f"unknown source kind {kind!r}; expected folder, table or tars")
 
 
 def _folder_units(fs, root: str) -> list[dict]:
     """A folder per class, optionally under train/ val/ test/ folders; files outside any class
     folder are listed too (and rejected for having no labels)."""
-    entries = sorted((e["name"].rstrip("/"), e["type"]) for e in fs.ls(root, detail=True) if _visible(e["name"]))
-    dirs = [p for p, t in entries if t == "directory"]
+    entries = sorted(_entry(e["name"], e) for e in fs.ls(root, detail=True) if _visible(e["name"]))
+    dirs = [e[0] for e in entries if e[1] == "directory" and not e[3]]  # symlinked folders: not descended
     names = {posixpath.basename(p) for p in dirs}
-    units = [{"kind": "files", "paths": [p for p, t in entries if t != "directory"], "split": None}]
+    units = [{"kind": "files", "entries": [e for e in entries if e[0] not in dirs], "split": None}]
     if names and names <= SPLIT_DIRS:
         for split_dir in dirs:
             name = posixpath.basename(split_dir)
             split = "val" if name in ("validation", "valid") else name
-            inner = sorted((e["name"].rstrip("/"), e["type"]) for e in fs.ls(split_dir, detail=True))
-            inner = [(p, t) for p, t in inner if _visible(p)]
-            units.append({"kind": "files", "paths": [p for p, t in inner if t != "directory"], "split": split})
-            units += [{"kind": "dir", "path": p, "split": split} for p, t in inner if t == "directory"]
+            inner = sorted(_entry(e["name"], e) for e in fs.ls(split_dir, detail=True) if _visible(e["name"]))
+            inner_dirs = [e[0] for e in inner if e[1] == "directory" and not e[3]]
+            units.append({"kind": "files", "entries": [e for e in inner if e[0] not in inner_dirs], "split": split})
+            units += [{"kind": "dir", "path": p, "split": split} for p in inner_dirs]
     else:
         units += [{"kind": "dir", "path": p, "split": None} for p in dirs]
-    return [u for u in units if u["kind"] == "dir" or u["paths"]]
+    return [u for u in units if u["kind"] == "dir" or u["entries"]]
 
 
 def _label_table_url(fs, root: str, cfg: ShardConfig) -> str:
@@ -278,6 +478,7 @@ def _table_parts(fs, url: str, cfg: ShardConfig) -> list[list[int] | None]:
 
     if not fs.exists(url):
         raise ShardError(f"label table {url} does not exist")
+    _check_regular_file(fs, url, "label table")
     with fs.open(url, "rb") as f:
         if url.endswith(".parquet"):
             meta = pq.ParquetFile(f).metadata
@@ -309,13 +510,23 @@ def _index_unit(batch: pa.Table, cfg: ShardConfig, root: str, classes: list[str]
             first += table.num_rows
         return
     if spec["kind"] == "tar":
-        yield _scan_tar(spec["path"] if "://" not in cfg.src else _url(cfg.src, spec["path"]), root, cfg, first)
+        path = spec["path"] if "://" not in cfg.src else _url(cfg.src, spec["path"])
+        refused = _ListingCheck(fs, root, cfg, cap=None).reason(*spec["entry"])
+        yield (
+            _scan_tar(path, root, cfg, first)
+            if refused is None
+            else _tar_rows({}, [], path, _rel(path, root), cfg, first, refused)
+        )
         return
-    if spec["kind"] == "dir":
-        paths = sorted(fs.find(spec["path"]))
-        paths = [p for p in paths if all(_visible(part) for part in p[len(root) + 1 :].split("/"))]
+    check = _ListingCheck(fs, root, cfg)
+    if spec["kind"] == "dir":  # the listing's details (type, size, link) come with it at no extra cost
+        found = fs.find(spec["path"], detail=True)
+        # hidden: any part of the path below SRC starting with a dot
+        paths = [p for p in sorted(found) if "/." not in p[len(root) :]]
+        reasons = check.reasons(paths, [found[p] for p in paths])
     else:
-        paths = spec["paths"]
+        paths = [e[0] for e in spec["entries"]]
+        reasons = check.reasons(paths, [{"type": t, "size": n, "islink": link} for _, t, n, link in spec["entries"]])
     split = spec["split"]
     for start in range(0, len(paths), _INDEX_CHUNK):
         chunk = paths[start : start + _INDEX_CHUNK]
@@ -324,7 +535,8 @@ def _index_unit(batch: pa.Table, cfg: ShardConfig, root: str, classes: list[str]
         depth = 1 if split else 0
         labels = [[r.split("/")[depth]] if r.count("/") > depth else [] for r in rels]
         keys = _keys_from_paths(pa.array(rels, pa.string()))
-        yield _index_table(keys, None, labels, [split] * len(chunk), rels, cfg, first + start)
+        chunk_reasons = reasons[start : start + _INDEX_CHUNK]
+        yield _index_table(keys, None, labels, [split] * len(chunk), rels, cfg, first + start, reasons=chunk_reasons)
 
 
 def _index_table(
@@ -456,15 +668,19 @@ def _scan_tar(path: str, root: str, cfg: ShardConfig, first: int) -> pa.Table:
     fs, _ = _fs(path, cfg.storage_options)
     samples: dict[str, dict] = {}
     order: list[str] = []
-    rel = path[len(root) + 1 :] if path.startswith(root + "/") else posixpath.basename(path)
     failure = None
     try:
         with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
             _scan_members(tar, samples, order)
     except (tarfile.TarError, OSError, EOFError) as err:
         # Keep what was read before the damage; the rest of the tar is one reject.
-        failure = str(err)[:500]
-    return _tar_rows(samples, order, path, rel, cfg, first, failure)
+        failure = ("unreadable-tar", str(err)[:500])
+    return _tar_rows(samples, order, path, _rel(path, root), cfg, first, failure)
+
+
+def _rel(path: str, root: str) -> str:
+    """A tar's name relative to SRC (its basename when SRC is the tar itself, or a URL)."""
+    return path[len(root) + 1 :] if path.startswith(root + "/") else posixpath.basename(path)
 
 
 def _scan_members(tar: tarfile.TarFile, samples: dict[str, dict], order: list[str]) -> None:
@@ -488,7 +704,13 @@ def _scan_members(tar: tarfile.TarFile, samples: dict[str, dict], order: list[st
 
 
 def _tar_rows(
-    samples: dict[str, dict], order: list[str], path: str, rel: str, cfg: ShardConfig, first: int, failure: str | None
+    samples: dict[str, dict],
+    order: list[str],
+    path: str,
+    rel: str,
+    cfg: ShardConfig,
+    first: int,
+    failure: tuple[str, str] | None,
 ) -> pa.Table:
     keys, paths, offsets, lengths, labels, splits, sources = [], [], [], [], [], [], []
     for key in order:
@@ -505,7 +727,7 @@ def _tar_rows(
         if not names and "cls" in sample:
             names = [sample["cls"].decode().strip()]
         offset, length = sample.get("image", (-1, 0))
-        keys.append(_key_from_path(key))  # member keys carry no extension
+        keys.append(_key_from_member(key))  # member keys carry no extension
         paths.append(path)
         offsets.append(offset if "image" in sample else -2)  # -2: no image member at all
         lengths.append(length)
@@ -513,7 +735,7 @@ def _tar_rows(
         splits.append(split)
         sources.append(f"{rel}:{key}")
     reasons = [None] * len(keys)
-    if failure is not None:  # the unreadable rest of the tar is one reject
+    if failure is not None:  # the unreadable rest of the tar (or a tar not read at all) is one reject
         keys.append(_key_from_path(rel))
         paths.append(path)
         offsets.append(-2)
@@ -521,17 +743,18 @@ def _tar_rows(
         labels.append([])
         splits.append("train")
         sources.append(rel)
-        reasons.append(("unreadable-tar", failure))
+        reasons.append(failure)
     return _index_table(keys, paths, labels, splits, sources, cfg, first, offsets, lengths, reasons)
 
 
 # ------------------------------------------------------------------------------------ evaluation sets
 
 
-def _eval_hashes(urls: list[str], storage_options: dict) -> dict[int, str]:
-    """pHash of every image in the evaluation sets (folder trees or single files)."""
+def _eval_hashes(urls: list[str], storage_options: dict, max_bytes: int = ImagePolicy.max_bytes) -> dict[int, str]:
+    """pHash of every image in the evaluation sets (folder trees or single files); files that are not
+    regular, or larger than ``max_bytes``, are passed over unread."""
     hashes: dict[int, str] = {}
-    policy = ImagePolicy(min_side=1)
+    policy = ImagePolicy(min_side=1, max_bytes=max_bytes)
     for url in urls:
         fs, root = _fs(url, storage_options)
         files = [root] if fs.isfile(root) else sorted(fs.find(root))
@@ -540,7 +763,7 @@ def _eval_hashes(urls: list[str], storage_options: dict) -> dict[int, str]:
             raise ShardError(f"evaluation set {url} holds no images")
         for start in range(0, len(files), 256):
             chunk = files[start : start + 256]
-            for path, data in fs.cat(chunk, on_error="return").items():
+            for path, data in zip(chunk, _read_whole(fs, chunk, max_bytes)):
                 if isinstance(data, Exception):
                     continue
                 try:
@@ -733,21 +956,21 @@ class ShardWriter:
                     future = pool.submit(self._fetch, fs, rows[start + chunk : start + 2 * chunk])
                 yield from zip(rows[start : start + chunk], data)
 
-    @staticmethod
-    def _fetch(fs, rows: list[dict]) -> list[bytes | Exception]:
+    def _fetch(self, fs, rows: list[dict]) -> list[bytes | Exception]:
+        cap = self.cfg.max_file_bytes
         out: list[bytes | Exception] = [b""] * len(rows)
         whole = [i for i, r in enumerate(rows) if r["offset"] == -1]
-        ranged = [i for i, r in enumerate(rows) if r["offset"] >= 0]
+        ranged = []
         for i, r in enumerate(rows):
             if r["offset"] == -2:
                 out[i] = LookupError("tar sample has no image member")
-        if whole and isinstance(fs, LocalFileSystem):  # fsspec's cat costs ~20 us a file here, open() ~5
-            for i in whole:
-                out[i] = _read_local(rows[i]["path"])
-        elif whole:
-            fetched = fs.cat([rows[i]["path"] for i in whole], on_error="return")
-            for i in whole:
-                out[i] = fetched.get(rows[i]["path"], FileNotFoundError(rows[i]["path"]))
+            elif r["offset"] >= 0 and r["length"] > cap:  # a tar member: its size is known, it is not read
+                out[i] = _Refused("file-too-large", f"{r['length']} bytes > {cap}")
+            elif r["offset"] >= 0:
+                ranged.append(i)
+        if whole:
+            for i, data in zip(whole, _read_whole(fs, [rows[i]["path"] for i in whole], cap)):
+                out[i] = data
         if ranged:
             paths = [rows[i]["path"] for i in ranged]
             starts = [rows[i]["offset"] for i in ranged]
@@ -776,15 +999,9 @@ def _write_shard(batch: pa.Table, writer: ShardWriter) -> pa.Table:
     return writer(batch)
 
 
-def _read_local(path: str) -> bytes | OSError:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as err:  # missing, unreadable, a folder: a reject, as fsspec's cat(on_error="return") gives
-        return err
-
-
 def _read_failure(err: Exception) -> tuple[str, str]:
+    if isinstance(err, _Refused):
+        return err.reason, err.detail
     if isinstance(err, FileNotFoundError):
         return "missing-file", str(err)
     if isinstance(err, LookupError):
@@ -861,30 +1078,16 @@ def _plan_bucket(rows: pa.Table, cfg: ShardConfig) -> pa.Table:
     listed_rejects = rows.filter(pc.is_valid(rows.column("reason")))
     rows = rows.filter(pc.is_null(rows.column("reason")))
     rows = rows.sort_by([("order", "ascending"), ("key", "ascending"), ("seq", "ascending")])
-    keys, sources = rows.column("key").to_pylist(), rows.column("source").to_pylist()
-    keep = np.ones(len(keys), dtype=bool)
+    keys = rows.column("key").to_pylist()
     rejects = [
         {"key": k, "source": s, "reason": r, "detail": d, "split": None, "shard": None}
         for k, s, r, d in zip(*(listed_rejects.column(c).to_pylist() for c in ("key", "source", "reason", "detail")))
     ]
-    first = 0
-    for i in range(1, len(keys)):
-        if keys[i] == keys[first]:
-            keep[i] = False
-            detail = f"same key as {sources[first]}"
-            rejects.append(
-                {
-                    "key": keys[i],
-                    "source": sources[i],
-                    "reason": "duplicate-key",
-                    "detail": detail,
-                    "split": None,
-                    "shard": None,
-                }
-            )
-        else:
-            first = i
-    kept = rows.filter(pa.array(keep)).sort_by([("split", "ascending"), ("order", "ascending"), ("key", "ascending")])
+    repeated = [i for i in range(1, len(keys)) if keys[i] == keys[i - 1]]
+    if repeated:  # rare: only then are sources and offsets looked at
+        keep, keys = _unique_keys(rows, keys, repeated, cfg, rejects)
+        rows = rows.set_column(rows.schema.get_field_index("key"), "key", pa.array(keys, pa.string())).filter(keep)
+    kept = rows.sort_by([("split", "ascending"), ("order", "ascending"), ("key", "ascending")])
     splits = kept.column("split").to_numpy(zero_copy_only=False)
     starts = np.flatnonzero(np.r_[True, splits[1:] != splits[:-1]]) if len(splits) else np.array([], np.int64)
     local_rank = np.arange(len(splits)) - np.repeat(starts, np.diff(np.r_[starts, len(splits)]))
@@ -908,6 +1111,41 @@ def _plan_bucket(rows: pa.Table, cfg: ShardConfig) -> pa.Table:
             "known_count": [int((lengths > 0).sum())],
         }
     )
+
+
+def _unique_keys(
+    rows: pa.Table, keys: list[str], repeated: list[int], cfg: ShardConfig, rejects: list[dict]
+) -> tuple[pa.Array, list[str]]:
+    """Rows sharing a key (sorted by order, key, seq: a key's rows are together, first listed first): the
+    first keeps it. A later one is a duplicate-key reject when it repeats an earlier row's source (the same
+    path listed twice), or when the key is not derived from a file name (a key column, a tar's member key);
+    otherwise it is another file of the same stem (img1.jpg, img1.png) and gets ``_suffixed_key``. Its
+    ``order`` is the key's own, so it stays in this bucket, next to its sibling, whatever the bucketing."""
+    sources, offsets = rows.column("source").to_pylist(), rows.column("offset").to_pylist()
+    unique, keep = list(keys), np.ones(len(keys), dtype=bool)
+    repeats = set(repeated)
+    first, taken, seen = 0, set(), set()
+    for i in repeated:
+        if i - 1 not in repeats:  # row i - 1 is the first of its key
+            first, taken, seen = i - 1, {keys[i - 1]}, {sources[i - 1]}
+        if cfg.key_column is None and offsets[i] == -1 and sources[i] not in seen:
+            unique[i] = _suffixed_key(keys[first], sources[i], taken)
+            taken.add(unique[i])
+            seen.add(sources[i])
+            continue
+        keep[i] = False
+        detail = f"same key as {sources[first]}"
+        rejects.append(
+            {
+                "key": keys[i],
+                "source": sources[i],
+                "reason": "duplicate-key",
+                "detail": detail,
+                "split": None,
+                "shard": None,
+            }
+        )
+    return pa.array(keep), unique
 
 
 def _make_plan(kind: str, src_fs, src: str, cfg: ShardConfig, classes_in: list[str] | None, log) -> dict:
@@ -967,6 +1205,9 @@ def _make_plan(kind: str, src_fs, src: str, cfg: ShardConfig, classes_in: list[s
         del index
     finally:
         context.shuffle_strategy, context.enable_progress_bars = saved
+    unsafe = sorted(split for split in counts if not SPLIT_NAME.fullmatch(split))
+    if unsafe:  # a split names shard files: "../x" or "a/b" would write outside DST or into folders of it
+        raise ShardError(f"split names must be letters, digits, '_', '-' or '.' (not first), at most 64: {unsafe[:5]}")
     classes = _class_list(classes_in, sorted(seen.to_pylist()))
     sizes = {split: sum(per_bucket.values()) for split, per_bucket in counts.items()}
     if cfg.shard_samples:
@@ -1054,8 +1295,6 @@ def shard_corpus(cfg: ShardConfig, *, overwrite: bool = False, progress: bool = 
 
     if not ray.is_initialized():
         ray.init(log_to_driver=False)
-    if not cfg.shard_samples and not cfg.shard_bytes:
-        raise ShardError("set shard_samples or shard_bytes")
     if not 0.0 <= cfg.val_fraction < 1.0:
         raise ShardError(f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
     started = time.perf_counter()
@@ -1066,9 +1305,10 @@ def shard_corpus(cfg: ShardConfig, *, overwrite: bool = False, progress: bool = 
 
     fingerprint = cfg.fingerprint()
     plan_path = f"{dst}/{WORK_DIR}/plan.json"
-    summary_path = f"{dst}/summary.json"
+    summary_path = f"{dst}/{SUMMARY_FILE}"
+    _check_destination(src_fs, src, dst_fs, dst, cfg)
     if overwrite and dst_fs.exists(dst):
-        dst_fs.rm(dst, recursive=True)
+        _clear_destination(dst_fs, dst, cfg)
     if dst_fs.exists(summary_path):
         done = json.loads(dst_fs.cat_file(summary_path))
         if done.get("fingerprint") == fingerprint:
@@ -1083,7 +1323,10 @@ def shard_corpus(cfg: ShardConfig, *, overwrite: bool = False, progress: bool = 
                 f"{cfg.dst} holds an unfinished run with other settings; pass overwrite=True (--overwrite)"
             )
     elif dst_fs.exists(dst) and dst_fs.ls(dst):
-        raise ShardError(f"{cfg.dst} is not empty and holds no sharding run; choose an empty destination")
+        raise ShardError(
+            f"{cfg.dst} is not empty and holds no sharding run; choose an empty destination"
+            + ("" if _foreign_entries(dst_fs, dst) else ", or pass overwrite=True (--overwrite) to replace its shards")
+        )
 
     # The plan is made once: a resumed run writes the shards the first one planned, even if the
     # source changed since.
@@ -1108,7 +1351,9 @@ def shard_corpus(cfg: ShardConfig, *, overwrite: bool = False, progress: bool = 
 
     eval_index = None
     if cfg.eval_sets:
-        eval_index = NearDuplicateIndex(_eval_hashes(cfg.eval_sets, cfg.storage_options), cfg.dedup_distance)
+        eval_index = NearDuplicateIndex(
+            _eval_hashes(cfg.eval_sets, cfg.storage_options, cfg.max_file_bytes), cfg.dedup_distance
+        )
         log(f"de-duplicating against {len(eval_index):,} evaluation images (pHash distance <= {cfg.dedup_distance})")
 
     written_now = 0
@@ -1130,6 +1375,65 @@ def shard_corpus(cfg: ShardConfig, *, overwrite: bool = False, progress: bool = 
     return _finish(dst_fs, dst, cfg, plan, fingerprint, started, written_now)
 
 
+def _comparable(fs, path: str) -> tuple[tuple[str, ...], str]:
+    """Where a path is, comparably: its filesystem's protocols and, locally, its real path (links resolved)."""
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    if isinstance(fs, LocalFileSystem):
+        return ("file",), os.path.realpath(path)
+    return protocols, path.rstrip("/")
+
+
+def _check_destination(src_fs, src: str, dst_fs, dst: str, cfg: ShardConfig) -> None:
+    """DST must be a folder (or nothing yet) apart from SRC: never SRC itself, above it, or (for a folder
+    or tar source, which are listed recursively) inside it, where the shards would be read back as input."""
+    (src_protocols, src_real), (dst_protocols, dst_real) = _comparable(src_fs, src), _comparable(dst_fs, dst)
+    if set(src_protocols) & set(dst_protocols):
+        if dst_real == src_real:
+            raise ShardError(f"{cfg.dst} is the source {cfg.src}: choose another destination")
+        if src_real.startswith(dst_real.rstrip("/") + "/"):
+            raise ShardError(f"{cfg.dst} contains the source {cfg.src}: choose a destination outside it")
+        if dst_real.startswith(src_real + "/") and _detect_source(src_fs, src, cfg) in ("folder", "tars"):
+            raise ShardError(
+                f"{cfg.dst} is inside the source {cfg.src}, which is read recursively: its shards would be "
+                "read back as input; choose a destination outside it"
+            )
+    if dst_fs.exists(dst) and dst_fs.info(dst).get("type") != "directory":
+        raise ShardError(f"{cfg.dst} exists and is not a folder")
+
+
+def _is_output(name: str, kind: str | None) -> bool:
+    """Whether an entry of DST is something shard_corpus writes there (and so may replace)."""
+    if kind == "directory":
+        return name == WORK_DIR
+    return kind == "file" and (name in OUTPUT_FILES or _SHARD_FILE.fullmatch(name) is not None)
+
+
+def _foreign_entries(fs, dst: str) -> list[str]:
+    """The entries of DST that shard_corpus does not write (folders with a trailing /)."""
+    foreign = []
+    for entry in fs.ls(dst, detail=True, refresh=True):
+        name = posixpath.basename(entry["name"].rstrip("/"))
+        if not _is_output(name, entry.get("type")) or entry.get("islink"):
+            foreign.append(name + ("/" if entry.get("type") == "directory" else ""))
+    return sorted(foreign)
+
+
+def _clear_destination(fs, dst: str, cfg: ShardConfig) -> None:
+    """--overwrite: remove an earlier run's outputs, and only when DST holds nothing else."""
+    foreign = _foreign_entries(fs, dst)
+    if foreign:
+        shown = ", ".join(foreign[:10]) + (f" and {len(foreign) - 10} more" if len(foreign) > 10 else "")
+        raise ShardError(
+            f"refusing to overwrite {cfg.dst}: it holds {len(foreign)} entr{'y' if len(foreign) == 1 else 'ies'} "
+            f"that `vit shard` does not write ({shown}); overwrite only replaces a folder of shards "
+            f"({{split}}-NNNNNN.tar, {', '.join(OUTPUT_FILES)}, {WORK_DIR}/)"
+        )
+    entries = fs.ls(dst, detail=False, refresh=True)
+    if entries:  # the entries, not DST itself: on an object store it may be a whole bucket
+        fs.rm(entries, recursive=True)
+    fs.invalidate_cache(dst)
+
+
 def _drain(results, shards: int, images: int, progress: bool) -> int:
     """Consume the writers' one-row results (this is what runs the job); returns the shards written."""
     from tqdm.auto import tqdm
@@ -1149,9 +1453,10 @@ def _url(src_url: str, path: str) -> str:
 
 
 def _load_classes(fs, root: str) -> list[str] | None:
-    path = f"{root}/classes.json"
+    path = f"{root}/{CLASSES_FILE}"
     if not fs.isdir(root) or not fs.exists(path):
         return None
+    _check_regular_file(fs, path, "class list")
     entries = json.loads(fs.cat_file(path))
     if entries and isinstance(entries[0], dict):
         entries = [e["name"] for e in sorted(entries, key=lambda e: e["id"])]
@@ -1185,7 +1490,7 @@ def _finish(fs, dst: str, cfg: ShardConfig, plan: dict, fingerprint: str, starte
 
     manifest_rows = []
     rejected_by_reason: Counter = Counter()
-    with _open_for_writing(fs, f"{dst}/rejects.parquet", "wb") as f, pq.ParquetWriter(f, REJECTS_SCHEMA) as rejects:
+    with _open_for_writing(fs, f"{dst}/{REJECTS_FILE}", "wb") as f, pq.ParquetWriter(f, REJECTS_SCHEMA) as rejects:
 
         def add_rejects(table: pa.Table) -> None:
             rejected_by_reason.update(table.column("reason").to_pylist())
@@ -1204,9 +1509,9 @@ def _finish(fs, dst: str, cfg: ShardConfig, plan: dict, fingerprint: str, starte
     written = sum(r["samples"] for r in manifest_rows)
     if written + rejected != plan["read"]:
         raise RuntimeError(f"counts do not balance: read {plan['read']} != written {written} + rejected {rejected}")
-    with _open_for_writing(fs, f"{dst}/manifest.parquet", "wb") as f:
+    with _open_for_writing(fs, f"{dst}/{MANIFEST_FILE}", "wb") as f:
         pq.write_table(pa.Table.from_pylist(manifest_rows, schema=MANIFEST_SCHEMA), f)
-    with _open_for_writing(fs, f"{dst}/classes.json", "w") as f:
+    with _open_for_writing(fs, f"{dst}/{CLASSES_FILE}", "w") as f:
         json.dump([{"id": i, "name": n} for i, n in enumerate(plan["classes"])], f, indent=0)
     splits_info = {}
     for split in sorted(plan["num_shards"]):
@@ -1224,7 +1529,7 @@ def _finish(fs, dst: str, cfg: ShardConfig, plan: dict, fingerprint: str, starte
         "multi_label": not plan["single_label"],
         "splits": splits_info,
     }
-    with _open_for_writing(fs, f"{dst}/_info.json", "w") as f:
+    with _open_for_writing(fs, f"{dst}/{INFO_FILE}", "w") as f:
         json.dump(info, f, indent=1)
     summary = ShardSummary(
         dst=cfg.dst,
@@ -1239,7 +1544,7 @@ def _finish(fs, dst: str, cfg: ShardConfig, plan: dict, fingerprint: str, starte
         splits={s: v["num_samples"] for s, v in splits_info.items()},
     )
     # summary.json is written last: its presence with this fingerprint means "finished".
-    with _open_for_writing(fs, f"{dst}/summary.json", "w") as f:
+    with _open_for_writing(fs, f"{dst}/{SUMMARY_FILE}", "w") as f:
         json.dump({"fingerprint": fingerprint, "summary": dataclasses.asdict(summary)}, f, indent=1)
     fs.rm(f"{dst}/{WORK_DIR}", recursive=True)  # markers served their purpose: summary.json says "done"
     return summary
@@ -1253,9 +1558,9 @@ def verify_shards(dst_url: str, storage_options: dict | None = None, workers: in
     import pyarrow.parquet as pq
 
     fs, dst = _fs(dst_url, storage_options or {})
-    if not fs.exists(f"{dst}/manifest.parquet"):
-        return [f"no manifest.parquet in {dst_url}"]
-    with fs.open(f"{dst}/manifest.parquet", "rb") as f:
+    if not fs.exists(f"{dst}/{MANIFEST_FILE}"):
+        return [f"no {MANIFEST_FILE} in {dst_url}"]
+    with fs.open(f"{dst}/{MANIFEST_FILE}", "rb") as f:
         manifest = pq.read_table(f).to_pylist()
 
     def check(entry: dict) -> list[str]:

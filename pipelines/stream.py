@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import posixpath
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -46,6 +47,21 @@ MAX_MEMBER_BYTES = 256 << 20  # a tar member larger than this is not an image we
 
 class ShardsError(ValueError):
     """The shards cannot be read as asked: missing metadata, an unknown split, or a damaged tar."""
+
+
+class ShardReadError(ShardsError):
+    """A training shard whose bytes are wrong: a damaged, truncated or hostile tar, or fewer samples than
+    ``_info.json`` promises. A data error, not an I/O one: reading the shard again reads the same bytes, so
+    do not retry it. ``shard`` names the tar, ``member`` the member being read (None between members) and
+    ``offset`` the byte of the tar where the fault was found (None when it is not about one place).
+
+    Raised by ``iter_tar_samples`` (every structural fault of a tar) and by ``ShardStream`` (sample counts).
+    Only the message survives a DataLoader worker (torch re-raises ``type(message)``); pickling (Ray) keeps
+    the attributes too. An image that fails to decode is not this: the stream counts it as a bad sample."""
+
+    def __init__(self, message: str, *, shard: str | None = None, member: str | None = None, offset: int | None = None):
+        super().__init__(message)
+        self.shard, self.member, self.offset = shard, member, offset
 
 
 @dataclass(frozen=True)
@@ -108,13 +124,14 @@ def open_shards(root: str, split: str, storage_options: dict | None = None) -> S
 
 
 def _first_sample_is_multi_label(root: str, filename: str, storage_options: dict | None) -> bool:
-    with fsspec.open(posixpath.join(root, filename), "rb", **(storage_options or {})) as f:
-        for sample in iter_tar_samples(f):
+    url = posixpath.join(root, filename)
+    with fsspec.open(url, "rb", **(storage_options or {})) as f:
+        for sample in iter_tar_samples(f, shard=url):
             return "cls" not in sample
     return False
 
 
-def iter_tar_samples(fileobj, skip: int = 0) -> Iterator[dict[str, bytes | str]]:
+def iter_tar_samples(fileobj, skip: int = 0, *, shard: str | None = None) -> Iterator[dict[str, bytes | str]]:
     """Samples of a WebDataset tar as ``{"__key__": key, ext: bytes, ...}``; the first ``skip`` unread.
 
     Members are grouped by key (the name up to the first dot of its basename, as WebDataset does).
@@ -123,14 +140,18 @@ def iter_tar_samples(fileobj, skip: int = 0) -> Iterator[dict[str, bytes | str]]
 
     The headers are parsed here rather than by ``tarfile``, whose stream mode costs ~40 us a member
     (a few percent of a decode at 224 px); ustar, GNU long names and PAX path/size records are read,
-    and every header's checksum is checked.
+    and every header's checksum is checked. Every read moves forward, and every length is checked
+    before it is used (numbers, PAX records, metadata and member sizes, data running past the end of
+    a seekable file), so a damaged or hostile tar raises :class:`ShardReadError` naming ``shard`` (by
+    default the file object's path or name), the member and the byte offset; it never hangs.
     """
+    tar = _TarReader(fileobj, shard)
     key, sample, index = None, {}, 0
-    for name, size, regular in _tar_members(fileobj):
+    for name, size, regular in _tar_members(tar):
         prefix, base = posixpath.split(name)
         stem, dot, ext = base.partition(".")
         if not regular or not dot:  # a link, a folder, or a name without an extension: passed over
-            _skip(fileobj, size + -size % 512)
+            tar.skip(size + -size % 512)
             continue
         member_key = posixpath.join(prefix, stem) if prefix else stem
         if member_key != key:
@@ -140,98 +161,162 @@ def iter_tar_samples(fileobj, skip: int = 0) -> Iterator[dict[str, bytes | str]]
                 index += 1
             key, sample = member_key, {"__key__": member_key}
         if index < skip:
-            _skip(fileobj, size + -size % 512)  # a resumed reader moves past the data without keeping it
+            tar.skip(size + -size % 512)  # a resumed reader moves past the data without keeping it
             continue
         if size > MAX_MEMBER_BYTES:
-            raise ShardsError(f"member {name!r} is {size} bytes, above {MAX_MEMBER_BYTES}")
-        sample[ext.lower()] = _read_exactly(fileobj, size)
-        _skip(fileobj, -size % 512)
+            raise tar.error(f"a member of {size} bytes, above {MAX_MEMBER_BYTES}")
+        sample[ext.lower()] = tar.read(size)
+        tar.skip(-size % 512)
     if key is not None and index >= skip:
         yield sample
 
 
 _REGULAR_TYPES = (b"0", b"\0", b"7")
+_MAX_METADATA_BYTES = 1 << 20  # a GNU long name or a PAX header: a few hundred bytes in any real tar
+_OCTAL_DIGITS = re.compile(rb"[0-7]+")
+_ZERO_BLOCK = bytes(512)
 
 
-def _tar_members(f) -> Iterator[tuple[str, int, bool]]:
-    """(name, size, is a regular file) of each member, with ``f`` positioned at its data; long names
-    (GNU ``L`` members, PAX ``path`` records) applied."""
+class _TarReader:
+    """A tar file object read forward only, with the position kept for error messages and, when the file
+    can tell its size, every skip checked against its end (a seek past the end reads as a clean end)."""
+
+    def __init__(self, f, shard: str | None):
+        self.f = f
+        self.shard = shard or str(getattr(f, "path", None) or getattr(f, "name", None) or "<tar stream>")
+        self.member: str | None = None  # the member whose data comes next, for messages
+        self.pos = 0  # bytes consumed since the start of the archive
+        self.end = self._size_left(f)
+        self.seekable = f.seekable()
+
+    @staticmethod
+    def _size_left(f) -> int | None:
+        """Bytes from the current position to the end of ``f``, when it can tell without reading."""
+        try:
+            if not f.seekable():
+                return None
+            here = f.tell()
+            end = f.seek(0, 2)
+            f.seek(here)
+            return end - here
+        except (OSError, ValueError, AttributeError):
+            return None
+
+    def error(self, what: str, *, offset: int | None = None) -> ShardReadError:
+        offset = self.pos if offset is None else offset
+        where = f"byte {offset}" + (f", member {self.member!r}" if self.member is not None else "")
+        return ShardReadError(
+            f"damaged tar {self.shard} ({where}): {what}", shard=self.shard, member=self.member, offset=offset
+        )
+
+    def header(self) -> bytes | None:
+        """The next 512-byte header, or None at the end of the archive."""
+        header = self.f.read(512)
+        if not header or header == _ZERO_BLOCK:
+            return None  # end of archive (or a tar cut exactly at a member boundary, which the counts catch)
+        if len(header) < 512:
+            raise self.error(f"a header cut short ({len(header)} of 512 bytes)")
+        self.pos += 512
+        return header
+
+    def read(self, size: int) -> bytes:
+        data = self.f.read(size)
+        if len(data) != size:
+            raise self.error(f"data cut short ({len(data)} of {size} bytes)")
+        self.pos += size
+        return data
+
+    def skip(self, size: int) -> None:
+        if size <= 0:
+            return
+        if self.end is not None and self.pos + size > self.end:
+            raise self.error(f"{size} bytes of data run past the end of the file ({self.end - self.pos} left)")
+        if self.seekable:
+            self.f.seek(size, 1)  # past the data without reading it (local files and object stores alike)
+            self.pos += size
+            return
+        while size > 0:  # a stream: read and drop, a block at a time (a hostile size must not allocate)
+            step = min(size, 1 << 20)
+            self.read(step)
+            size -= step
+
+
+def _tar_members(tar: _TarReader) -> Iterator[tuple[str, int, bool]]:
+    """(name, size, is a regular file) of each member, with the file positioned at its data; long names
+    (GNU ``L`` members, PAX ``path`` records) and PAX ``size`` records applied."""
     long_name: str | None = None
     pax: dict[str, str] = {}
-    count = 0
     while True:
-        header = f.read(512)
-        if not header or header == _ZERO_BLOCK:
-            return  # end of archive (or a tar cut exactly at a member boundary, which the counts catch)
-        if len(header) < 512:
-            raise ShardsError(f"damaged tar after {count} members: a header cut short")
-        if _checksum(header) != _octal(header[148:156]):
-            raise ShardsError(f"damaged tar after {count} members: a header with a wrong checksum")
-        size = _octal(header[124:136])
+        tar.member = None
+        at = tar.pos
+        header = tar.header()
+        if header is None:
+            return
+        checksum = _number(header[148:156])
+        if checksum is None or _checksum(header) != checksum:
+            raise tar.error("a header with a wrong checksum", offset=at)
+        size = _number(header[124:136])
+        if size is None:
+            raise tar.error(f"a header whose size field {header[124:136]!r} is not a size", offset=at)
         kind = header[156:157]
         if kind in (b"L", b"x"):  # metadata for the next member
-            data = _read_exactly(f, size).rstrip(b"\0")
-            _skip(f, -size % 512)
+            if size > _MAX_METADATA_BYTES:
+                raise tar.error(f"a {kind.decode()!r} metadata header of {size} bytes", offset=at)
+            data = tar.read(size).rstrip(b"\0")
+            tar.skip(-size % 512)
             if kind == b"L":
                 long_name = data.decode("utf-8", "surrogateescape")
             else:
-                pax = _pax_records(data)
+                pax = _pax_records(data, tar, at)
             continue
         name = header[:100].split(b"\0", 1)[0]
         prefix = header[345:500].split(b"\0", 1)[0] if header[257:262] == b"ustar" else b""
         name = (prefix + b"/" + name if prefix else name).decode("utf-8", "surrogateescape")
         name = pax.get("path", long_name or name)
-        size = int(pax["size"]) if "size" in pax else size
+        if "size" in pax:
+            if not pax["size"].isascii() or not pax["size"].isdigit():
+                raise tar.error(f"a PAX size {pax['size'][:40]!r} that is not a size", offset=at)
+            size = int(pax["size"])
         long_name, pax = None, {}
-        count += 1
+        tar.member = name
         yield name, size, kind in _REGULAR_TYPES
-
-
-_ZERO_BLOCK = bytes(512)
 
 
 def _checksum(header: bytes) -> int:
     return sum(header[:148]) + 8 * 32 + sum(header[156:])  # the checksum field counts as spaces
 
 
-def _octal(field: bytes) -> int:
-    if field[0] & 0x80:  # base-256, for sizes beyond 8 GiB
-        return int.from_bytes(field[1:], "big")
+def _number(field: bytes) -> int | None:
+    """A numeric header field (octal digits, or GNU base-256 for sizes beyond 8 GiB); None when it is
+    not a non-negative number (a negative base-256 value, a sign, garbage)."""
+    if field[0] & 0x80:
+        return int.from_bytes(field[1:], "big") if field[0] == 0x80 else None  # 0xff: negative
     digits = field.split(b"\0", 1)[0].strip()
-    try:
-        return int(digits, 8) if digits else 0
-    except ValueError:
-        raise ShardsError(f"damaged tar: {field!r} is not a number") from None
+    if not digits:
+        return 0
+    return int(digits, 8) if _OCTAL_DIGITS.fullmatch(digits) else None
 
 
-def _pax_records(data: bytes) -> dict[str, str]:
-    """'<length> <key>=<value>\\n' records; only path and size matter here."""
+def _pax_records(data: bytes, tar: _TarReader, at: int) -> dict[str, str]:
+    """'<length> <key>=<value>\\n' records, the length counting the whole record; only path and size
+    matter here. Each record must move forward, fit in the header data and end with a newline."""
     records, pos = {}, 0
     while pos < len(data):
-        space = data.find(b" ", pos)
-        if space < 0:
-            break
-        length = int(data[pos:space])
-        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
-        records[key.decode()] = value.decode("utf-8", "surrogateescape")
-        pos += length
+        space = data.find(b" ", pos, pos + 20)
+        digits = data[pos:space] if space > pos else b""
+        if not digits.isdigit():  # ASCII digits only: no sign, no blank, no garbage
+            raise tar.error(f"a PAX record without a length at {pos}: {data[pos : pos + 20]!r}", offset=at)
+        end = pos + int(digits)
+        if end < space + 2:  # shorter than its own "<length> " (a length of 0 would never move on)
+            raise tar.error(f"a PAX record of length {int(digits)}, shorter than its own header", offset=at)
+        if end > len(data):
+            raise tar.error(f"a PAX record of length {int(digits)} running past the header's data", offset=at)
+        key, eq, value = data[space + 1 : end - 1].partition(b"=")
+        if data[end - 1 : end] != b"\n" or not eq:
+            raise tar.error(f"a malformed PAX record {data[pos:end][:60]!r}", offset=at)
+        records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+        pos = end
     return records
-
-
-def _read_exactly(f, size: int) -> bytes:
-    data = f.read(size)
-    if len(data) != size:
-        raise ShardsError(f"damaged tar: a member cut short ({len(data)} of {size} bytes)")
-    return data
-
-
-def _skip(f, size: int) -> None:
-    if size <= 0:
-        return
-    if f.seekable():
-        f.seek(size, 1)  # past the data without reading it (local files and object stores alike)
-    else:
-        _read_exactly(f, size)
 
 
 @dataclass(frozen=True)
@@ -411,18 +496,20 @@ class ShardStream(IterableDataset):
             with fsspec.open(url, "rb", **shards.storage_options) as f:
                 if portion.stride == 1:
                     seen = start
-                    for sample in iter_tar_samples(f, skip=start):
+                    for sample in iter_tar_samples(f, skip=start, shard=url):
                         seen += 1
                         yield sample
                 else:
                     seen = 0
-                    for local, sample in enumerate(iter_tar_samples(f)):
+                    for local, sample in enumerate(iter_tar_samples(f, shard=url)):
                         if portion.keeps(local):
                             seen += 1
                             if seen > start:
                                 yield sample
             if seen != portion.count:
-                raise ShardsError(f"{url} holds {seen} samples for this reader; _info.json promised {portion.count}")
+                raise ShardReadError(
+                    f"{url} holds {seen} samples for this reader; _info.json promised {portion.count}", shard=url
+                )
             start = 0
 
     def _image(self, sample: dict, epoch: int):

@@ -125,3 +125,18 @@ def test_registry_commands_do_not_make_an_empty_store_where_there_is_none(tmp_pa
         assert result.returncode == 2, result.stdout + result.stderr
         assert f"error: no MLflow store at {tmp_path}/mlflow.db" in result.stderr and "Traceback" not in result.stderr
     assert list(tmp_path.iterdir()) == [image]
+
+
+def test_shard_settings_are_checked_before_ray_starts(tmp_path):
+    (tmp_path / "corpus" / "a").mkdir(parents=True)
+    cases = [
+        (["--shard-samples", "-5"], "--shard-samples: must be at least 1"),
+        (["--val-fraction", "1.5"], "--val-fraction: must be in [0, 1)"),
+        (["--shard-bytes", "lots"], "--shard-bytes: cannot read 'lots'"),
+        (["--max-file-bytes", "0"], "--max-file-bytes: must be at least 1"),
+    ]
+    for args, message in cases:
+        result = run("shard", str(tmp_path / "corpus"), str(tmp_path / "shards"), *args)
+        assert result.returncode == 2 and f"error: {message}" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr and "Ray" not in result.stdout + result.stderr
+    assert not (tmp_path / "shards").exists()

@@ -73,7 +73,7 @@ def test_same_arguments_give_identical_bytes_whatever_the_worker_count(tmp_path,
     synth_corpus(str(tmp_path / "one"), workers=1, **args)
     synth_corpus(str(tmp_path / "two"), workers=2, **args)
     one, two = tree_bytes(str(tmp_path / "one")), tree_bytes(str(tmp_path / "two"))
-    assert len(one) == 260 + 2 and one == two
+    assert len(one) == 260 + 3 and one == two  # the images, classes.json, labels.parquet, the .vit-corpus marker
     synth_corpus(str(tmp_path / "seed1"), seed=1, **args)
     other_seed = tree_bytes(str(tmp_path / "seed1"))
     first = "images/00000/img-00000000.jpg"
@@ -184,7 +184,7 @@ def test_memory_filesystem_is_written_in_process():
     url = "memory://corpus-test/synth"
     try:
         synth_corpus(url, images=30, classes=3, image_size=16, workers=2)  # workers would write to their own memory
-        assert len(read_labels(url)) == 30 and len(tree_bytes(url)) == 32
+        assert len(read_labels(url)) == 30 and len(tree_bytes(url)) == 33  # + classes.json, labels.parquet, .vit-corpus
     finally:
         fsspec.filesystem("memory").rm("/corpus-test", recursive=True)
 
@@ -205,6 +205,13 @@ def test_existing_destination_is_kept_unless_overwrite(tmp_path):
     with pytest.raises(FileExistsError, match="refusing"):
         synth_corpus(str(stranger), images=10, classes=3, overwrite=True)
     assert (stranger / "thesis.tex").read_text() == "precious"
+    # A folder with a classes.json is not ours for that alone: a user's ImageFolder tree, or a shard output.
+    (stranger / "classes.json").write_text('["cat", "dog"]')
+    (stranger / "cat").mkdir()
+    (stranger / "cat" / "tom.jpg").write_bytes(b"a photo")
+    with pytest.raises(FileExistsError, match="not a corpus written by `vit corpus`"):
+        synth_corpus(str(stranger), images=10, classes=3, overwrite=True)
+    assert (stranger / "cat" / "tom.jpg").read_bytes() == b"a photo"
 
 
 @pytest.mark.parametrize(
@@ -240,7 +247,7 @@ def test_digits_are_written_as_a_stratified_labelled_png_set(tmp_path):
     digits = load_digits()
     rows = read_labels(dst)
     files = tree_bytes(dst)
-    assert summary.images == len(rows) == 1797 and len(files) == 1797 + 2
+    assert summary.images == len(rows) == 1797 and len(files) == 1797 + 3
     assert summary.splits == {"train": 1437, "test": 360}
     assert [e["name"] for e in read_classes(dst)] == [str(d) for d in range(10)]
     counts = np.bincount(digits.target)
@@ -281,7 +288,11 @@ def test_cli_synth_writes_and_summarises(tmp_path):
     )
     assert folder.returncode == 0, folder.stderr
     assert sorted(p.name for p in dst.iterdir()) == sorted(
-        ["classes.json", *(e["name"].replace("/", "__") for e in read_classes(str(dst)) if e["superclass"])]
+        [
+            ".vit-corpus",
+            "classes.json",
+            *(e["name"].replace("/", "__") for e in read_classes(str(dst)) if e["superclass"]),
+        ]
     )
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import pickle
+import signal
 import tarfile
 from collections import Counter
 from itertools import islice
@@ -14,7 +17,15 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.stream import ShardsError, ShardStream, StreamSpec, iter_tar_samples, make_loader, open_shards
+from pipelines.stream import (
+    ShardReadError,
+    ShardsError,
+    ShardStream,
+    StreamSpec,
+    iter_tar_samples,
+    make_loader,
+    open_shards,
+)
 from vit.data import build_transform
 
 NUM_CLASSES = 5
@@ -219,3 +230,151 @@ def test_tar_reader_reads_what_tarfile_writes_in_every_format(tmp_path, fmt):
     data[header + 5] ^= 0xFF
     with pytest.raises(ShardsError, match="checksum"):
         list(iter_tar_samples(io.BytesIO(bytes(data))))
+
+
+# --------------------------------------------------------------------------------------------- hostile tars
+
+
+@contextlib.contextmanager
+def no_hang(seconds: float = 10.0):
+    """Fails the test, instead of hanging it, when the body runs longer than ``seconds`` (a parser that
+    does not move forward spins in Python code, where the alarm's handler runs)."""
+
+    def alarm(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s: the tar reader does not move forward")
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def raw_header(name: bytes, size_field: bytes, kind: bytes = b"0") -> bytes:
+    """A ustar header written byte by byte, any size field allowed, with a correct checksum."""
+    header = bytearray(512)
+    header[: len(name)] = name
+    header[100:108] = b"0000644\0"
+    header[108:124] = b"0000000\x000000000\0"
+    header[124:136] = size_field.ljust(12, b"\0")[:12]
+    header[136:148] = b"00000000000\0"
+    header[148:156] = b" " * 8
+    header[156:157] = kind
+    header[257:265] = b"ustar\x0000"
+    header[148:156] = b"%06o\0 " % sum(header)
+    return bytes(header)
+
+
+def raw_member(name: bytes, data: bytes, kind: bytes = b"0") -> bytes:
+    return raw_header(name, b"%011o" % len(data), kind) + data + b"\0" * (-len(data) % 512)
+
+
+def pax_member(records: bytes) -> bytes:
+    return raw_member(b"././@PaxHeader", records, b"x")
+
+
+GOOD_SAMPLE = raw_member(b"k0.jpg", b"jpeg bytes") + raw_member(b"k0.cls", b"1")
+END = b"\0" * 1024
+
+# the bytes after a good sample; where the fault is, from the end of that sample; the message; (False: no end blocks)
+HOSTILE_TARS = {
+    # PAX records whose length would not move the parser forward, or points nowhere
+    "pax-length-zero": (pax_member(b"0 ") + raw_member(b"k1.jpg", b"x"), 0, "shorter than its own header"),
+    "pax-length-zero-record": (pax_member(b"0 path=x\n"), 0, "shorter than its own header"),
+    "pax-length-below-header": (pax_member(b"1 path=evil.jpg\n"), 0, "shorter than its own header"),
+    "pax-length-cuts-the-record": (pax_member(b"3 path=evil.jpg\n"), 0, "malformed"),
+    "pax-length-negative": (pax_member(b"-16 path=evil.jpg\n"), 0, "without a length"),
+    "pax-length-garbage": (pax_member(b"zz path=evil.jpg\n"), 0, "without a length"),
+    "pax-length-past-the-data": (pax_member(b"99 path=evil.jpg\n"), 0, "running past"),
+    "pax-no-newline": (pax_member(b"17 path=evil.jpgX"), 0, "malformed"),
+    "pax-no-equals": (pax_member(b"16 pathevil.jpg\n"), 0, "malformed"),
+    "pax-negative-size": (pax_member(b"12 size=-50\n") + raw_member(b"k1.jpg", b"x"), 1024, "not a size"),
+    "pax-garbage-size": (pax_member(b"12 size=1e9\n") + raw_member(b"k1.jpg", b"x"), 1024, "not a size"),
+    # header size fields that are not sizes, or sizes that no data backs
+    "size-negative-octal": (raw_header(b"k1.jpg", b"-0000000005"), 0, "not a size"),
+    "size-garbage": (raw_header(b"k1.jpg", b"0000000zz17"), 0, "not a size"),
+    "size-python-literal": (raw_header(b"k1.jpg", b"0o17"), 0, "not a size"),
+    "size-negative-base256": (raw_header(b"k1.jpg", b"\xff" * 11 + b"\xfb"), 0, "not a size"),
+    "size-past-the-end-read": (raw_header(b"k1.jpg", b"%011o" % 5000) + b"x" * 600, 512, "cut short"),
+    "size-past-the-end-skipped": (raw_header(b"folder", b"%011o" % 10**9, b"5") + END, 512, "past the end"),
+    "metadata-too-large": (raw_header(b"././@LongLink", b"%011o" % (1 << 30), b"L"), 0, "metadata"),
+    "header-cut-short": (raw_header(b"k1.jpg", b"%011o" % 1)[:300], 0, "header cut short", False),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE_TARS.values(), ids=HOSTILE_TARS.keys())
+def test_a_hostile_tar_is_an_error_naming_the_shard_and_the_place_never_a_hang(case):
+    tail, offset, message, *ended = case
+    data = GOOD_SAMPLE + tail + (END if ended != [False] else b"")
+    with no_hang(), pytest.raises(ShardReadError, match=message) as caught:
+        list(iter_tar_samples(io.BytesIO(data), shard="s3://bucket/train-000007.tar"))
+    err = caught.value
+    assert isinstance(err, ShardsError) and isinstance(err, ValueError)  # callers of either still catch it
+    assert err.shard == "s3://bucket/train-000007.tar" and "train-000007.tar" in str(err)
+    assert err.offset == len(GOOD_SAMPLE) + offset
+    assert f"byte {err.offset}" in str(err)
+
+
+def test_a_hostile_tar_read_as_a_stream_is_refused_without_reading_its_claimed_size():
+    """A non-seekable stream cannot check sizes against its end: skipping must not allocate what the header
+    claims (8 GiB here, in base-256), only read, a block at a time, what is there."""
+
+    class Stream(io.RawIOBase):
+        def __init__(self, data: bytes):
+            self.data = io.BytesIO(data)
+
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, buffer) -> int:
+            return self.data.readinto(buffer)
+
+    claim = b"\x80" + (8 << 30).to_bytes(11, "big")
+    data = GOOD_SAMPLE + raw_header(b"folder", claim, b"5") + b"y" * 4096
+    with no_hang(), pytest.raises(ShardReadError, match="cut short") as caught:
+        list(iter_tar_samples(io.BufferedReader(Stream(data)), shard="pipe"))
+    assert caught.value.member == "folder" and caught.value.shard == "pipe"
+
+
+def test_the_member_is_named_when_its_data_is_bad(tmp_path):
+    path = tmp_path / "train-000003.tar"
+    path.write_bytes(GOOD_SAMPLE + raw_header(b"dir/k1.jpg", b"%011o" % 4000) + b"x" * 100)
+    with open(path, "rb") as f, pytest.raises(ShardReadError) as caught:
+        list(iter_tar_samples(f))
+    assert caught.value.shard == str(path)  # the file object's name when none is given
+    assert caught.value.member == "dir/k1.jpg" and caught.value.offset == len(GOOD_SAMPLE) + 512
+
+
+def test_a_shard_read_error_keeps_its_attributes_through_pickling():
+    err = ShardReadError("damaged", shard="a.tar", member="k.jpg", offset=1024)
+    copy = pickle.loads(pickle.dumps(err))
+    assert (type(copy), str(copy), copy.shard, copy.member, copy.offset) == (
+        ShardReadError,
+        "damaged",
+        "a.tar",
+        "k.jpg",
+        1024,
+    )
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_structurally_broken_shard_stops_training_with_a_shard_read_error(tmp_path, workers):
+    """A bad image is a bad sample, counted and skipped; a broken tar is an error that names the shard, also
+    out of a DataLoader worker (where torch re-raises the same type)."""
+    root = write_shards(tmp_path / "s", {"train": [4, 4]}, broken={"s00001": b"not a jpeg"})
+    shard = root / "train-000001.tar"
+    good = shard.read_bytes()
+    with tarfile.open(shard) as tar:
+        at = tar.getmembers()[4].offset  # the header of the shard's third sample
+    shard.write_bytes(good[:at] + pax_member(b"0 ") + good[at:])  # a zero-length PAX record before it
+    shards = open_shards(str(root), "train")
+    loader = make_loader(_spec(shards, shuffle_block=1, repeat=False, batch_size=2), workers=workers)
+    with no_hang(60), pytest.raises(ShardReadError, match="train-000001.tar") as caught:
+        bad = [b for _, _, b in loader]
+    if workers == 0:
+        assert caught.value.shard == str(shard) and caught.value.offset == at
+    shard.write_bytes(good)
+    bad = [b for _, _, b in make_loader(_spec(shards, shuffle_block=1, repeat=False, batch_size=2), workers=workers)]
+    assert sum(bad) == 1  # the undecodable image: skipped and counted, not an error
