@@ -228,45 +228,44 @@ def _without_address_env() -> Iterator[None]:
         os.environ.update(saved)
 
 
-def _enable_local_token() -> bool:
-    """Send the local token (``~/.ray/auth_token``, ``RAY_AUTH_TOKEN``...) to a cluster that asks for one.
-
-    New local clusters run with token authentication, but Ray's client only sends the token when ``RAY_AUTH_MODE``
-    is ``token`` in its own environment, which ``ray start`` sets for the cluster, not for the user's shell. An
-    explicit ``RAY_AUTH_MODE`` is respected.
-    """
-    if os.environ.get("RAY_AUTH_MODE"):
-        return False
+def _local_token() -> str | None:
+    """The token this machine holds for Ray clusters: ``RAY_AUTH_TOKEN``, the file ``RAY_AUTH_TOKEN_PATH`` names, or
+    ``~/.ray/auth_token`` (where ``ray start`` keeps a new cluster's)."""
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if token:
+        return token
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser()
     try:
-        from ray._private.authentication.authentication_token_setup import _enable_token_auth
-        from ray._raylet import AuthenticationTokenLoader
-    except ImportError:  # a Ray without token authentication, or with it moved
-        return False
-    if not AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True):
-        return False
-    _enable_token_auth()
-    AuthenticationTokenLoader.instance().reset_cache()
-    return True
+        return path.read_text().strip() or None
+    except OSError:
+        return None
 
 
 def _client(address: str) -> JobSubmissionClient:
-    """A connected ``JobSubmissionClient``; every failure to get one is a ``JobsError`` naming the address."""
+    """A connected ``JobSubmissionClient``; every failure to get one is a ``JobsError`` naming the address.
+
+    New clusters run with token authentication, but Ray's client sends the token only when ``RAY_AUTH_MODE`` is
+    ``token`` in the user's own environment (``ray start`` sets it for the cluster, not for the shell). So a cluster
+    that asks for a token gets the local one, in the header the dashboard reads (the client's public ``headers``)."""
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
     address = _normalize_address(address)
     if not address.startswith("ray://"):
         _probe(address)
+    headers: dict[str, str] | None = None
     for attempt in range(2):
         try:
             with _without_address_env():
-                return JobSubmissionClient(address)
+                return JobSubmissionClient(address, headers=headers)
         except AuthenticationError:
-            if attempt == 0 and _enable_local_token():
+            token = _local_token()
+            if attempt == 0 and token:
+                headers = {"Authorization": f"Bearer {token}"}
                 continue
             raise JobsError(
                 f"the cluster at {address} requires its authentication token: put it in ~/.ray/auth_token "
-                "(or set RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH) and set RAY_AUTH_MODE=token"
+                "(or set RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH)"
             ) from None
         except Exception as err:  # requests, aiohttp and Ray raise many kinds; all mean "not usable"
             raise JobsError(f"cannot use the Jobs API at {address}: {err}; {_DASHBOARD_HINT}") from None
@@ -467,31 +466,43 @@ def pipeline_runtime_env(
     return runtime_env
 
 
+# What Ray itself leaves out of every upload (its default excludes); ours (EXCLUDES) come on top.
+_RAY_DEFAULT_EXCLUDES = (".git", ".venv", "venv", "__pycache__", ".pytest_cache", ".mypy_cache", ".ipynb_checkpoints")
+
+
 def package_size(working_dir: str, excludes: Sequence[str] = EXCLUDES) -> tuple[int, int]:
-    """(files, bytes before compression) that Ray would upload from ``working_dir``: the same walk as Ray's (its
-    default excludes, ``excludes``, and every .gitignore / .rayignore on the way), so the check matches the upload.
-    Raises ``JobsError`` when the total reaches Ray's limit, naming the largest entries to exclude."""
-    try:
-        from ray._private import ray_constants
-        from ray._private.runtime_env.packaging import _dir_travel, _get_excludes
-    except ImportError:  # Ray moved its internals: skip the early check, Ray's own upload still enforces the limit
-        return 0, 0
+    """(files, bytes before compression) that Ray would upload from ``working_dir``: the same rules as Ray's walk
+    (its default excludes, ``excludes``, and every .gitignore / .rayignore on the way, gitwildmatch patterns relative
+    to their folder), so the check matches the upload. Raises ``JobsError`` when the total reaches Ray's limit,
+    naming the largest entries to exclude."""
+    import pathspec
+
+    def spec(lines: Sequence[str]) -> pathspec.PathSpec:
+        return pathspec.PathSpec.from_lines("gitwildmatch", lines)
+
     root = Path(working_dir).absolute()
-    patterns = list(ray_constants.get_runtime_env_default_excludes()) + list(excludes)
-    include_gitignore = os.environ.get("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "0") != "1"
+    ignore_files = (".gitignore", ".rayignore")
+    if os.environ.get("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "0") == "1":
+        ignore_files = (".rayignore",)
+    # The rules in force in each folder: (the folder their patterns are relative to, the patterns).
+    rules: dict[Path, list[tuple[Path, pathspec.PathSpec]]] = {
+        root: [(root, spec([*_RAY_DEFAULT_EXCLUDES, *excludes]))]
+    }
     sizes: dict[str, int] = {}
     files = 0
-
-    def count(path: Path) -> None:
-        nonlocal files
-        if path.is_file():
-            files += 1
-            top = path.relative_to(root).parts[0]
-            sizes[top] = sizes.get(top, 0) + path.stat().st_size
-
-    quiet = logging.getLogger(f"{__name__}.package")
-    quiet.setLevel(logging.ERROR)
-    _dir_travel(root, [_get_excludes(root, patterns)], count, include_gitignore=include_gitignore, logger=quiet)
+    for folder, dirs, names in os.walk(root):
+        here = Path(folder)
+        specs = rules.pop(here) + [
+            (here, spec((here / n).read_text().splitlines())) for n in ignore_files if n in names
+        ]
+        dirs[:] = [d for d in dirs if not _ignored(here / d, specs, is_dir=True)]
+        rules.update({here / d: specs for d in dirs})
+        for name in names:
+            path = here / name
+            if path.is_file() and not _ignored(path, specs, is_dir=False):
+                files += 1
+                entry = path.relative_to(root).parts[0]
+                sizes[entry] = sizes.get(entry, 0) + path.stat().st_size
     total = sum(sizes.values())
     if total >= MAX_PACKAGE_BYTES:
         largest = sorted(sizes.items(), key=lambda item: -item[1])[:5]
@@ -502,6 +513,11 @@ def package_size(working_dir: str, excludes: Sequence[str] = EXCLUDES) -> tuple[
             "pass their URLs in the config) or list them in a .rayignore file"
         )
     return files, total
+
+
+def _ignored(path: Path, specs: Sequence[tuple[Path, Any]], *, is_dir: bool) -> bool:
+    suffix = "/" if is_dir else ""
+    return any(patterns.match_file(path.relative_to(base).as_posix() + suffix) for base, patterns in specs)
 
 
 def _mib(size: float) -> str:

@@ -225,18 +225,18 @@ class Tracker:
 
     def log_dataset(self, run_id: str, url: str, *, context: str, digest: str, name: str) -> None:
         """``url`` as the run's input (MLflow's dataset lineage), identified by the shards' fingerprint."""
-        import warnings
-
-        from mlflow.data.dataset_source_registry import resolve_dataset_source
-        from mlflow.data.meta_dataset import MetaDataset
-        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.entities import Dataset, DatasetInput, InputTag
 
         source_url = url if "://" in url else Path(url).resolve().as_uri()
-        with warnings.catch_warnings():  # "can be interpreted in multiple ways": every reading is the same here
-            warnings.simplefilter("ignore", UserWarning)
-            source = resolve_dataset_source(source_url)
-        dataset = MetaDataset(source, name=name, digest=digest[:36])
-        entry = DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
+        scheme = source_url.split("://", 1)[0]
+        # MLflow's own names for the source kinds ("local" for files); the source as its artifact sources write it.
+        dataset = Dataset(
+            name=name,
+            digest=digest[:36],
+            source_type={"file": "local"}.get(scheme, scheme),
+            source=json.dumps({"uri": source_url}),
+        )
+        entry = DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])
         self.retry(lambda: self.client.log_inputs(run_id, datasets=[entry]))
 
     def log_dict(self, run_id: str, data: dict, artifact_file: str) -> None:
@@ -259,24 +259,34 @@ class Tracker:
     # -- retries
 
     def retry(self, fn: Callable[[], T]) -> T:
-        """``fn()``, retried with backoff for up to ``retry_seconds`` while the server is unreachable or failing."""
-        deadline = time.monotonic() + self.cfg.retry_seconds
-        wait, warned = 1.0, False
-        while True:
-            try:
-                result = fn()
-                if warned:
-                    log.warning("MLflow at %s answers again", self.uri)
-                return result
-            except Exception as err:
-                if not _transient(err) or time.monotonic() + wait > deadline:
-                    raise TrackingError(f"MLflow at {self.uri}: {_short(err)}") from err
-                if not warned:
-                    log.warning("MLflow at %s failed (%s); retrying for up to %.0f s", self.uri, _short(err),
-                                self.cfg.retry_seconds)  # fmt: skip
-                    warned = True
-                time.sleep(wait)
-                wait = min(wait * 2, 15.0)
+        """``fn()``, retried with exponential backoff (1 s doubling to 15 s) for up to ``retry_seconds`` while the
+        server is unreachable or failing; one warning when it starts failing, one when it answers again."""
+        import tenacity
+
+        warned = False
+
+        def warn(state: tenacity.RetryCallState) -> None:
+            nonlocal warned
+            if not warned:
+                err = state.outcome.exception()
+                log.warning("MLflow at %s failed (%s); retrying for up to %.0f s", self.uri, _short(err),
+                            self.cfg.retry_seconds)  # fmt: skip
+                warned = True
+
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception(_transient),
+            wait=tenacity.wait_exponential(multiplier=1, min=1, max=15),
+            stop=tenacity.stop_before_delay(self.cfg.retry_seconds),
+            before_sleep=warn,
+            reraise=True,
+        )
+        try:
+            result = retrying(fn)
+        except Exception as err:
+            raise TrackingError(f"MLflow at {self.uri}: {_short(err)}") from err
+        if warned:
+            log.warning("MLflow at %s answers again", self.uri)
+        return result
 
 
 def _transient(err: Exception) -> bool:

@@ -188,6 +188,37 @@ def test_a_working_dir_over_rays_upload_limit_is_refused_with_its_largest_entrie
         jobs.package_size(str(tmp_path))
 
 
+def test_the_upload_estimate_follows_ignore_files_in_every_folder_as_rays_walk_does(tmp_path, monkeypatch):
+    def write(relative: str, size: int = 10) -> None:
+        path = tmp_path / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x" * size)
+
+    write("code.py")
+    write("logs/run.log")
+    (tmp_path / ".gitignore").write_text("*.log\n/build\n")
+    write("build/out.bin")  # anchored in the top .gitignore
+    write("pkg/build/keep.bin")  # "/build" matches only at the top
+    write("pkg/module.py")
+    (tmp_path / "pkg" / ".rayignore").write_text("cache/\nsecret*.txt\n")
+    write("pkg/cache/blob.bin", 1000)
+    write("pkg/secret-notes.txt")
+    write("pkg/__pycache__/m.pyc")  # one of Ray's own default excludes
+    write("other/secret-notes.txt")  # the .rayignore of pkg/ does not reach here
+    counted = {
+        "code.py",
+        ".gitignore",
+        "pkg/build/keep.bin",
+        "pkg/module.py",
+        "pkg/.rayignore",
+        "other/secret-notes.txt",
+    }
+    size = sum((tmp_path / p).stat().st_size for p in counted)
+    assert jobs.package_size(str(tmp_path)) == (len(counted), size)
+    monkeypatch.setenv("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "1")  # Ray's switch: .gitignore no longer applies
+    assert jobs.package_size(str(tmp_path)) == (len(counted) + 1, size + 10)  # logs/run.log (/build: ours too)
+
+
 def test_the_default_address_is_the_environments_dashboard_url_or_the_local_one(monkeypatch):
     monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
