@@ -251,6 +251,8 @@ def plan_training(cfg: TrainConfig) -> _Plan:
         raise ConfigError("init_from: fine-tuning needs the weights to start from (a run, checkpoint or file)")
     if cfg.model is None and cfg.init_from is None:
         raise ConfigError("model: no model given and no init_from to take one from")
+    if cfg.model is None:  # the variant comes from the weights: refused here, not in every worker, when it cannot
+        init_model_config(cfg)
     info = read_info(cfg.data.shards, cfg.data.storage_options)
     train = open_shards(cfg.data.shards, cfg.data.train_split, cfg.data.storage_options)
     eval_split = cfg.data.eval_split
@@ -1003,12 +1005,37 @@ def build_model(cfg: TrainConfig, num_classes: int, multi_label: bool) -> Vision
         return vit.create_model(cfg.model, **{**_representation(cfg, cfg.model), **overrides})
     path = local_weights(resolve_weights(cfg.init_from, cfg.storage_options), cfg.storage_options)
     if cfg.model is None:
-        model = vit.load_model(path, representation_size=None, **overrides)
+        # The variant of the weights: ours carry their config, released ones (.npz, timm, Hugging Face) show it in
+        # their tensors. No representation layer: the paper fine-tunes without it (model_args may ask for one).
+        try:
+            model = vit.load_model(path, **{"representation_size": None, **overrides})
+        except vit.UnknownVariantError as err:
+            raise _unknown_variant(cfg, err) from None
     else:
         model = vit.create_model(cfg.model, **{**_representation(cfg, cfg.model), **overrides})
         vit.load_checkpoint(model, path)
     model.reset_head()  # the paper replaces the whole head by a zero-initialised one
     return model
+
+
+def init_model_config(cfg: TrainConfig) -> vit.ViTConfig:
+    """The config of the weights ``init_from`` holds (with ``model_args``), as ``build_model`` reads them when
+    ``model`` is null; a ``ConfigError`` naming the field when they do not say their variant. For the driver,
+    to refuse such weights before any worker starts (it reads the weights once more)."""
+    path = local_weights(resolve_weights(cfg.init_from, cfg.storage_options), cfg.storage_options)
+    try:
+        return vit.infer_model_config(path, **cfg.model_args)
+    except vit.UnknownVariantError as err:
+        raise _unknown_variant(cfg, err) from None
+
+
+def _unknown_variant(cfg: TrainConfig, err: vit.UnknownVariantError) -> ConfigError:
+    return ConfigError(
+        f"model: the {err.format} weights {cfg.init_from} do not say their model's variant: their width {err.width} "
+        f"is that of no named size and their layout does not give the number of attention heads. Set "
+        f"`{cfg.recipe}.model` (`model` for `vit {cfg.recipe}`) to their variant, with `model_args` for the sizes it "
+        f"does not share with them, or give the head count: `model_args: {{num_heads: N}}`"
+    )
 
 
 def _representation(cfg: TrainConfig, variant: str) -> dict:

@@ -3,6 +3,7 @@
     import vit
     model = vit.create_model("B/16", num_classes=10, img_size=384)
     vit.load_checkpoint(model, "ViT-B_16.npz")   # original .npz, timm or Hugging Face weights
+    model = vit.load_model("ViT-B_16.npz", img_size=384, num_classes=10)   # the variant read off the weights
 
 This package imports neither Ray nor MLflow: parallelism, storage and tracking live in ``pipelines``.
 """
@@ -10,6 +11,8 @@ This package imports neither Ray nor MLflow: parallelism, storage and tracking l
 from vit.checkpoint import (
     CheckpointMismatchError,
     LoadReport,
+    UnknownVariantError,
+    infer_model_config,
     load_checkpoint,
     load_model,
     save_checkpoint,
@@ -23,10 +26,12 @@ from vit.variants import create_model, decode_variant, list_models, model_config
 __all__ = [
     "CheckpointMismatchError",
     "LoadReport",
+    "UnknownVariantError",
     "ViTConfig",
     "VisionTransformer",
     "create_model",
     "decode_variant",
+    "infer_model_config",
     "list_models",
     "load_checkpoint",
     "load_model",

@@ -18,7 +18,11 @@ raises :class:`CheckpointMismatchError` naming the missing, unexpected and mis-s
 Nothing here unpickles arbitrary objects: ``torch.load(weights_only=True)``,
 ``np.load(allow_pickle=False)`` and safetensors only. A file never makes us allocate more than it
 holds: tensors larger than their storage (expanded views) are refused, and :func:`load_model`
-checks the saved config against the tensors in the file before it builds anything.
+checks the config against the tensors in the file before it builds anything.
+
+:func:`load_model` builds the model of a file of any format: ours carry their config, and for the
+released formats :func:`infer_model_config` reads it off the tensors (the head count from ``.npz``
+query kernels, else from the named size of that width).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import torch
 
 from vit.model import VisionTransformer, ViTConfig
 from vit.posemb import ResampleMethod, infer_grid, resample_pos_embed
+from vit.variants import SIZES, size_of_width
 
 FORMAT_NAME = "vit-platform"
 FORMAT_VERSION = 1
@@ -497,7 +502,19 @@ def _load_state(
     model: VisionTransformer, raw: Mapping[str, Any], meta: Mapping, *, strict: bool, pos_embed_method: ResampleMethod
 ) -> LoadReport:
     fmt = detect_format(raw, meta)
-    state = _CONVERTERS[fmt](raw)
+    return _load_converted(model, fmt, _CONVERTERS[fmt](raw), meta, strict=strict, pos_embed_method=pos_embed_method)
+
+
+def _load_converted(
+    model: VisionTransformer,
+    fmt: str,
+    state: StateDict,
+    meta: Mapping,
+    *,
+    strict: bool,
+    pos_embed_method: ResampleMethod,
+) -> LoadReport:
+    """:func:`_load_state` for tensors already under our names."""
     report = LoadReport(format=fmt)
     if meta.get("config"):
         report.config = json.loads(meta["config"])
@@ -601,26 +618,210 @@ def save_state_dict(state: Mapping[str, torch.Tensor], config: ViTConfig, path: 
 
 
 def load_model(path: str | os.PathLike, *, device: torch.device | str | None = None, **overrides) -> VisionTransformer:
-    """Rebuild a model from one of our checkpoints (which carry their config) and load its weights.
+    """Build the model of a checkpoint of any format and load its weights.
 
-    ``overrides`` change config fields first, e.g. ``img_size=384`` or ``num_classes=10`` for
-    fine-tuning (the position embeddings are resampled and the head re-initialised).
+    Ours carry their config; for released weights (``.npz``, timm, Hugging Face) it is read off the
+    tensors (:func:`infer_model_config`). ``overrides`` change config fields first, e.g.
+    ``img_size=384`` or ``num_classes=10`` for fine-tuning (the position embeddings are resampled
+    and the head re-initialised), ``representation_size=None`` to drop a pre-logits layer, or
+    ``num_heads`` for released weights whose width is that of no named size. The file is read once,
+    and checked against the config before the model is built.
     """
     raw, meta = _read(path)
-    if detect_format(raw, meta) != "vit" or not meta.get("config"):
-        raise ValueError(f"{path} is not a vit-platform checkpoint; build the model and use load_checkpoint")
-    try:
-        saved = _config_fields(json.loads(meta["config"]))
-    except (TypeError, ValueError, AttributeError) as err:
-        raise ValueError(f"{path}: its saved config is not readable: {err}") from err
-    _check_saved_config(path, saved, raw)  # the file's word on sizes is checked before anything is built
-    config = ViTConfig(**{**saved, **overrides})
-    model = VisionTransformer(config, device=device)
-    _load_state(model, raw, meta, strict=True, pos_embed_method="bilinear")
+    fmt, fields, state = _describe(path, raw, meta)
+    del raw  # the converted tensors are what is loaded; for .npz the originals can go
+    model = VisionTransformer(_configure(path, fmt, fields, overrides), device=device)
+    _load_converted(model, fmt, state, meta, strict=True, pos_embed_method="bilinear")
     return model
 
 
-def _check_saved_config(path: str | os.PathLike, saved: dict, raw: Mapping[str, Any]) -> None:
+class UnknownVariantError(ValueError):
+    """Released weights that do not say how many attention heads their model has: the variant must be named.
+
+    ``format``, ``width`` and ``source`` say which weights, for callers that word their own advice.
+    """
+
+    def __init__(self, message: str, *, format: str, width: int, source: str | None):
+        super().__init__(message)
+        self.format, self.width, self.source = format, width, source
+
+
+def infer_model_config(src: str | os.PathLike | BinaryIO | Mapping[str, Any], **overrides) -> ViTConfig:
+    """The :class:`ViTConfig` of the weights in ``src`` (a path, a folder, a file object or a state
+    dict), with ``overrides`` over its fields.
+
+    Ours carry their config. For the released formats it is read off the tensors: width, patch size
+    and input channels from the patch embedding, depth from the number of blocks, MLP width from the
+    first block, a hybrid's ResNet stem (stage depths and width) from its units, the resolution from
+    the position embeddings, the class count from the head (0 without one), the pre-logits size from
+    that layer, the pooling from the class token and ``qkv_bias`` from the biases. The head count
+    shows only in the ``.npz`` layout (query kernels are (D, heads, D/heads)); for timm and Hugging
+    Face weights it is the head count of the named size of that width (``vit.variants.SIZES``: Ti
+    192/3, S 384/6, B 768/12, L 1024/16, H 1280/16), and a width of no named size raises
+    :class:`UnknownVariantError` unless ``num_heads`` is given (``overrides`` win over the file).
+    LayerNorm eps is 1e-6, that of the JAX code and timm, with which the released weights were
+    trained (Hugging Face's configs say 1e-12, a default of the conversion).
+
+    The config is checked against the tensors on a meta-device model (nothing is allocated): a file
+    that holds no whole model (missing, unexpected or mis-shaped tensors) is refused here, with the
+    same :class:`CheckpointMismatchError` a strict load would raise.
+    """
+    raw, meta = _read(src)
+    fmt, fields, _ = _describe(src, raw, meta)
+    return _configure(src, fmt, fields, overrides)
+
+
+def _source_name(src: object) -> str | None:
+    if isinstance(src, Mapping):
+        return None
+    if hasattr(src, "read"):
+        return str(getattr(src, "name", "the file object"))
+    return str(src)
+
+
+def _describe(src: object, raw: Mapping[str, Any], meta: Mapping) -> tuple[str, dict, StateDict]:
+    """The format, the config fields the file describes (``num_heads`` None where it does not say) and its
+    tensors under our names; fields and tensors are checked against each other before anything is built."""
+    fmt = detect_format(raw, meta)
+    if fmt == "vit" and meta.get("config"):
+        try:
+            saved = _config_fields(json.loads(meta["config"]))
+        except (TypeError, ValueError, AttributeError) as err:
+            raise ValueError(f"{_source_name(src)}: its saved config is not readable: {err}") from err
+        _check_saved_config(src, saved, raw)  # the file's word on sizes is checked before anything is built
+        return fmt, saved, _from_timm(raw)
+    state = _CONVERTERS[fmt](raw)
+    fields = _released_fields(_source_name(src), fmt, raw, state)
+    _check_released(src, fmt, fields, state)
+    if fmt != "npz":  # np.load's arrays own their memory; torch pickles can share one storage among many tensors
+        _check_bytes(src, raw)
+    return fmt, fields, state
+
+
+def _released_fields(source: str | None, fmt: str, raw: Mapping[str, Any], state: StateDict) -> dict:
+    """The ViTConfig fields that released weights (our names, ``state``) describe; see :func:`infer_model_config`."""
+    what = f"{fmt} checkpoint{f' {source}' if source is not None else ''}"
+
+    def tensor(key: str, ndim: int, role: str) -> torch.Tensor | None:
+        value = state.get(key)
+        if value is not None and value.ndim != ndim:
+            raise ValueError(f"{what}: {key} ({role}) has shape {tuple(value.shape)}, not {ndim}-D")
+        return value
+
+    embed = tensor("patch_embed.proj.weight", 4, "the patch embedding")
+    if embed is None or embed.shape[-1] != embed.shape[-2]:
+        raise ValueError(f"{what} has no square patch embedding (patch_embed.proj.weight): not a ViT")
+    width, patch = int(embed.shape[0]), int(embed.shape[-1])
+    depth = len({int(m[1]) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))})
+    fc1 = tensor("blocks.0.mlp.fc1.weight", 2, "the first block's MLP")
+    if not depth or fc1 is None:
+        raise ValueError(f"{what} has no encoder blocks (blocks.0.mlp.fc1.weight): not a ViT")
+    units = {(int(m[1]), int(m[2])) for k in state if (m := re.match(r"stem\.stages\.(\d+)\.blocks\.(\d+)\.", k))}
+    per_stage = Counter(stage for stage, _ in units)
+    layers = tuple(per_stage[i] for i in range(len(per_stage))) or None
+    if layers is None:
+        in_chans, resnet_width, stride = int(embed.shape[1]), 1, patch
+    else:  # a hybrid: the ResNet stem's feature map is the patch grid
+        root = tensor("stem.stem.conv.weight", 4, "the ResNet stem's root convolution")
+        if root is None:
+            raise ValueError(f"{what} has ResNet stages but no root convolution (stem.stem.conv.weight)")
+        in_chans, resnet_width = int(root.shape[1]), max(1, int(root.shape[0]) // 64)
+        stride = patch * 4 * 2 ** (len(layers) - 1)
+    pos = tensor("pos_embed", 3, "the position embeddings")
+    if pos is None:
+        raise ValueError(f"{what} has no position embeddings (pos_embed)")
+    pool = "cls" if "cls_token" in state else "gap"
+    try:
+        side = infer_grid(int(pos.shape[1]) - (1 if pool == "cls" else 0))[0]
+    except ValueError as err:
+        raise ValueError(f"{what}: {err}") from None
+    if side < 1:
+        raise ValueError(f"{what}: its position embeddings hold no patch positions")
+    head = tensor("head.weight", 2, "the classifier")
+    pre_logits = tensor("pre_logits.fc.weight", 2, "the pre-logits layer")
+    return dict(
+        img_size=side * stride,
+        patch_size=patch,
+        in_chans=in_chans,
+        num_classes=int(head.shape[0]) if head is not None else 0,
+        width=width,
+        depth=depth,
+        num_heads=_npz_heads(what, raw) if fmt == "npz" else None,
+        mlp_dim=int(fc1.shape[0]),
+        pool=pool,
+        representation_size=int(pre_logits.shape[0]) if pre_logits is not None else None,
+        qkv_bias="blocks.0.attn.qkv.bias" in state,
+        resnet_layers=layers,
+        resnet_width=resnet_width,
+    )
+
+
+def _npz_heads(what: str, raw: Mapping[str, Any]) -> int | None:
+    """The head count of JAX weights: query kernels are (D, heads, D/heads), (L, D, heads, D/heads) when scanned."""
+    counts = {int(np.shape(v)[-2]) for k, v in raw.items() if "encoderblock" in k and k.endswith("query/kernel")}
+    if len(counts) > 1:
+        raise ValueError(f"{what}: its query kernels disagree on the number of heads: {sorted(counts)}")
+    return counts.pop() if counts else None
+
+
+def _check_released(src: object, fmt: str, fields: dict, state: StateDict) -> None:
+    """Refuse released weights that do not hold exactly the model their tensors describe (checked on meta)."""
+    source = _source_name(src)
+    try:  # the head count changes no shape
+        expected = VisionTransformer(ViTConfig(**{**fields, "num_heads": 1}), device="meta").state_dict()
+    except Exception as err:  # ValueError, RuntimeError from sizes that make no model
+        where = f" {source}" if source is not None else ""
+        raise ValueError(f"{fmt} checkpoint{where}: its tensors describe no model: {err}") from err
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(k.removeprefix("__unconverted__/") for k in set(found) - set(expected))
+    mismatched = sorted(
+        f"{k}: checkpoint {found[k]} vs model {tuple(expected[k].shape)}"
+        for k in set(expected) & set(found)
+        if found[k] != tuple(expected[k].shape)
+    )
+    if missing or unexpected or mismatched:
+        problem = "does not hold a whole ViT (the model its patch embedding and blocks describe)"
+        raise CheckpointMismatchError(fmt, missing, unexpected, mismatched, source=source, problem=problem)
+
+
+def _configure(src: object, fmt: str, fields: dict, overrides: Mapping[str, Any]) -> ViTConfig:
+    """The described fields with ``overrides``; a released model's head count from its width when the file has none."""
+    fields = {**fields, **overrides}
+    if "num_heads" in fields and fields["num_heads"] is None:
+        size = size_of_width(fields["width"])
+        if size is None:
+            source = _source_name(src)
+            sizes = ", ".join(f"{name} {w}" for name, (w, *_) in SIZES.items())
+            raise UnknownVariantError(
+                f"{fmt} checkpoint{f' {source}' if source is not None else ''}: its width {fields['width']} is that "
+                f"of no named size ({sizes}) and the {fmt} layout does not say how many attention heads the model "
+                "has; name the variant: give num_heads (or build the model with vit.create_model and load the "
+                "weights with vit.load_checkpoint)",
+                format=fmt,
+                width=fields["width"],
+                source=source,
+            )
+        fields["num_heads"] = SIZES[size][3]
+    return ViTConfig(**fields)
+
+
+def _check_bytes(src: object, raw: Mapping[str, Any]) -> None:
+    """Refuse tensors that claim more bytes than the file (or folder) holds: views sharing one storage."""
+    if not isinstance(src, str | os.PathLike):
+        return
+    claimed = sum(v.numel() * v.element_size() if isinstance(v, torch.Tensor) else v.nbytes for v in raw.values())
+    source = Path(src)
+    files = [f for f in source.iterdir() if f.is_file()] if source.is_dir() else [source]
+    on_disk = sum(f.stat().st_size for f in files)
+    if claimed > on_disk:
+        raise UnsafeCheckpointError(
+            f"{src} is refused before building a model: its tensors claim {claimed} bytes but it holds "
+            f"{on_disk} bytes (tensors sharing or expanding storage)"
+        )
+
+
+def _check_saved_config(src: object, saved: dict, raw: Mapping[str, Any]) -> None:
     """Refuse a file whose saved config does not describe exactly the tensors it holds.
 
     The config decides how much :func:`load_model` allocates, and it is a few bytes of JSON: a tiny
@@ -633,7 +834,7 @@ def _check_saved_config(path: str | os.PathLike, saved: dict, raw: Mapping[str, 
 
     def refuse(problem: str, missing=(), unexpected=(), mismatched=()) -> CheckpointMismatchError:
         return CheckpointMismatchError(
-            "vit", list(missing), list(unexpected), list(mismatched), source=path, problem=problem
+            "vit", list(missing), list(unexpected), list(mismatched), source=_source_name(src), problem=problem
         )
 
     before = "is refused before building a model: its saved config"
@@ -651,7 +852,7 @@ def _check_saved_config(path: str | os.PathLike, saved: dict, raw: Mapping[str, 
         config = ViTConfig(**saved)
         expected = VisionTransformer(config, device="meta").state_dict()
     except Exception as err:  # TypeError, ValueError, RuntimeError from sizes that make no model
-        raise ValueError(f"{path} is refused: its saved config describes no model: {err}") from err
+        raise ValueError(f"{_source_name(src)} is refused: its saved config describes no model: {err}") from err
     found = {k: tuple(v.shape) for k, v in raw.items()}
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
@@ -662,12 +863,4 @@ def _check_saved_config(path: str | os.PathLike, saved: dict, raw: Mapping[str, 
     )
     if missing or unexpected or mismatched:
         raise refuse(f"{before} does not describe the tensors it holds", missing, unexpected, mismatched)
-    claimed = sum(v.numel() * v.element_size() if isinstance(v, torch.Tensor) else v.nbytes for v in raw.values())
-    source = Path(path)
-    files = [f for f in source.iterdir() if f.is_file()] if source.is_dir() else [source]
-    on_disk = sum(f.stat().st_size for f in files)
-    if claimed > on_disk:
-        raise UnsafeCheckpointError(
-            f"{path} is refused before building a model: its tensors claim {claimed} bytes but it holds "
-            f"{on_disk} bytes (tensors sharing or expanding storage)"
-        )
+    _check_bytes(src, raw)

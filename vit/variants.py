@@ -47,6 +47,11 @@ def decode_variant(name: str) -> dict:
     return fields
 
 
+def size_of_width(width: int) -> str | None:
+    """The named size of this width (``"B"`` for 768), or None; each size has a width of its own."""
+    return next((size for size, (w, *_) in SIZES.items() if w == width), None)
+
+
 def list_models() -> list[str]:
     names = [f"{size}/{patch}" for size in SIZES for patch in PATCH_SIZES]
     return names + ["R50+B/16", "R50+L/32", "R26+S/32"]

@@ -356,6 +356,148 @@ def test_timm_variants_that_are_not_the_paper_model_are_refused():
         vit.load_checkpoint(tiny(), sd)
 
 
+# ------------------------------------------------------------------ the variant of released weights
+
+
+def _scanned(params: dict, depth: int) -> dict:
+    """big_vision's scan_layers layout: every block's arrays stacked under ``encoderblock/``."""
+    out = {k: v for k, v in params.items() if "encoderblock_" not in k}
+    for rest in {k.split("/", 2)[2] for k in params if "encoderblock_" in k}:
+        out["Transformer/encoderblock/" + rest] = np.stack(
+            [params[f"Transformer/encoderblock_{i}/{rest}"] for i in range(depth)]
+        )
+    return out
+
+
+@pytest.mark.parametrize("layout", ["vit", "big_vision", "scanned"])
+def test_npz_of_no_named_width_gives_its_heads_in_the_query_kernels(tmp_path, layout):
+    """Width 48 is no named size: the head count comes from the (D, heads, D/heads) kernels alone."""
+    naming = "big_vision" if layout == "big_vision" else "vit"
+    params, names = random_npz_params(width=48, heads=6, mlp=96, depth=3, rep=24, classes=7, naming=naming)
+    saved = _scanned(params, 3) if layout == "scanned" else params
+    if layout == "big_vision":  # the tower nested, pos_embedding at its top
+        saved = {"params/img/" + k: v for k, v in params.items()}
+        saved["params/img/pos_embedding"] = saved.pop("params/img/Transformer/posembed_input/pos_embedding")
+    np.savez(tmp_path / "w.npz", **saved)
+
+    config = vit.infer_model_config(tmp_path / "w.npz")
+    assert (config.width, config.depth, config.num_heads, config.mlp_dim) == (48, 3, 6, 96)
+    assert (config.patch_size, config.img_size, config.num_classes, config.representation_size) == (8, 32, 7, 24)
+    assert config.pool == "cls" and config.qkv_bias and config.resnet_layers is None and config.layer_norm_eps == 1e-6
+
+    model = vit.load_model(tmp_path / "w.npz").eval()  # the whole model, read off the file
+    x = images()
+    expected = numpy_vit_forward(params, names, x.numpy(), patch=8, heads=6, depth=3, rep=True)
+    with torch.no_grad():
+        np.testing.assert_allclose(model(x).double().numpy(), expected, atol=1e-4, rtol=1e-4)
+
+    # fine-tuning: another resolution, a new head, no pre-logits
+    tuned = vit.load_model(tmp_path / "w.npz", img_size=48, num_classes=3, representation_size=None)
+    assert tuned.config.num_heads == 6 and tuned.pos_embed.shape == (1, 37, 48) and tuned.head.out_features == 3
+    assert torch.count_nonzero(tuned.head.weight) == 0
+    torch.testing.assert_close(tuned.blocks[2].mlp.fc2.weight, model.blocks[2].mlp.fc2.weight, atol=0, rtol=0)
+
+
+def _timm_file(model: vit.VisionTransformer, path) -> None:
+    torch.save(model.state_dict(), path)
+
+
+def _timm_safetensors(model: vit.VisionTransformer, path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+
+
+def _hf_file(model: vit.VisionTransformer, path) -> None:
+    from safetensors.torch import save_file
+
+    save_file(vit.to_hf_state_dict(model), str(path), metadata={"format": "pt"})
+
+
+def _hf_folder(model: vit.VisionTransformer, path) -> None:
+    path.mkdir()
+    _hf_file(model, path / "model.safetensors")
+
+
+WRITERS = {"timm.pth": _timm_file, "timm.safetensors": _timm_safetensors, "hf.safetensors": _hf_file, "hf": _hf_folder}
+
+
+@pytest.mark.parametrize("name", sorted(WRITERS))
+def test_timm_and_hf_weights_take_the_heads_of_the_named_size_of_their_width(tmp_path, name):
+    """Ti's width, 192, gives 3 heads (a single block keeps the file small)."""
+    source = vit.create_model("Ti/16", depth=1, img_size=32, num_classes=7, head_zero_init=False).eval()
+    WRITERS[name](source, tmp_path / name)
+    config = vit.infer_model_config(tmp_path / name)
+    assert config == dataclasses.replace(source.config, head_zero_init=True)  # the one field no file holds
+    model = vit.load_model(tmp_path / name).eval()
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), source(x), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "name, names",
+    [(n, "timm") for n in ("Ti/16", "S/32", "B/16", "L/16", "H/14", "R50+B/16")]
+    + [(n, "hf") for n in ("Ti/16", "S/32", "B/16", "L/16", "H/14")],  # Hugging Face ViT has no hybrid
+)
+def test_every_named_size_is_recognised_from_its_tensors_on_the_meta_device(name, names):
+    """Full-size models, built on meta: only shapes are read, nothing is allocated."""
+    model = vit.create_model(name, img_size=224, num_classes=21843, device="meta")
+    state = model.state_dict() if names == "timm" else vit.to_hf_state_dict(model)
+    assert vit.infer_model_config(state) == model.config
+
+
+def test_a_hybrid_is_recognised_from_its_resnet_stages(tmp_path):
+    model = vit.create_model("R26+Mu/32", img_size=64, num_classes=5)
+    renamed = {k.replace("stem.", "patch_embed.backbone.", 1): v for k, v in model.state_dict().items()}
+    torch.save(renamed, tmp_path / "r26.pth")  # timm's names for the stem
+    config = vit.infer_model_config(tmp_path / "r26.pth")
+    assert config.resnet_layers == (2, 2, 2, 2) and config.patch_size == 1 and config.img_size == 64
+    assert config == model.config
+
+
+@pytest.mark.parametrize("name", ["timm.pth", "hf.safetensors"])
+def test_weights_of_no_named_width_without_a_head_count_must_be_named(tmp_path, name):
+    source = tiny(width=48, num_heads=4, mlp_dim=96)
+    WRITERS[name](source, tmp_path / name)
+    with pytest.raises(vit.UnknownVariantError, match=r"width 48 is that of no named size.*give num_heads") as err:
+        vit.infer_model_config(tmp_path / name)
+    assert str(tmp_path / name) in str(err.value) and err.value.width == 48
+    with pytest.raises(vit.UnknownVariantError):
+        vit.load_model(tmp_path / name)
+    assert vit.infer_model_config(tmp_path / name, num_heads=4).num_heads == 4
+    model = vit.load_model(tmp_path / name, num_heads=4).eval()
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), source(x), atol=1e-5, rtol=0)
+
+
+def test_released_weights_that_hold_no_whole_model_are_refused(tmp_path):
+    params, _ = random_npz_params()
+    del params["Transformer/encoder_norm/scale"]
+    np.savez(tmp_path / "partial.npz", **params)
+    with pytest.raises(CheckpointMismatchError, match="does not hold a whole ViT") as err:
+        vit.infer_model_config(tmp_path / "partial.npz")
+    assert err.value.missing == ["norm.weight"] and str(tmp_path / "partial.npz") in str(err.value)
+    sd = tiny().state_dict()
+    sd["blocks.0.mlp.fc2.weight"] = sd["blocks.0.mlp.fc2.weight"][:, :32]
+    with pytest.raises(CheckpointMismatchError, match="blocks.0.mlp.fc2.weight"):
+        vit.infer_model_config(sd)
+    with pytest.raises(ValueError, match="no square patch embedding"):
+        vit.infer_model_config({k: v for k, v in sd.items() if not k.startswith("patch_embed.")})
+
+
+def test_released_tensors_sharing_one_storage_do_not_make_load_model_build_a_larger_model(tmp_path):
+    """Every block a view of block 0's storage: a small file that claims a deep model is refused before building."""
+    sd = tiny(depth=8).state_dict()
+    for key in list(sd):
+        if key.startswith("blocks."):
+            sd[key] = sd["blocks.0." + key.split(".", 2)[2]]
+    torch.save(sd, tmp_path / "shared.pth")
+    with pytest.raises(UnsafeCheckpointError, match="claim .* bytes but it holds"):
+        vit.load_model(tmp_path / "shared.pth")
+
+
 # ------------------------------------------------------------------ errors and safety
 
 
@@ -585,9 +727,9 @@ def test_garbage_and_missing_files_give_clear_errors(tmp_path):
         vit.load_checkpoint(tiny(), tmp_path / "absent.pth")
     with pytest.raises(ValueError, match="unrecognised checkpoint format"):
         vit.load_checkpoint(tiny(), {"foo.weight": torch.zeros(1)})
-    with pytest.raises(ValueError, match="not a vit-platform checkpoint"):
-        torch.save(tiny().state_dict(), tmp_path / "timm.pth")
-        vit.load_model(tmp_path / "timm.pth")
+    torch.save({"foo.weight": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="unrecognised checkpoint format"):
+        vit.load_model(tmp_path / "other.pth")
 
 
 def test_file_objects_and_detection():
