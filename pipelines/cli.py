@@ -33,15 +33,16 @@ def main() -> None:
 def run_command(config: str | None, overrides: tuple[str, ...], start_from: str | None, only: str | None) -> None:
     """The whole pipeline: corpus -> shard -> pretrain -> finetune -> evaluate -> register.
 
-    CONFIG is a YAML file (default: the embedded local demo, configs/local.yaml: a tiny ViT pretrained on a
-    synthetic corpus and fine-tuned on real digits, on a local Ray, tracked in ./mlflow.db). ``env:NAME``
-    reads the YAML from an environment variable (how `vit submit` hands it to a Ray Job). A CONFIG with
-    ``=`` in it is taken as the first override. Steps already done with the same settings are skipped.
+    CONFIG is a YAML file, or the name of one shipped with the package (``local``, ``jft-b16``); default: the
+    embedded local demo (``local``: a tiny ViT pretrained on a synthetic corpus and fine-tuned on real digits, on a
+    local Ray, tracked in ./mlflow.db). ``env:NAME`` reads the YAML from an environment variable (how `vit submit`
+    hands it to a Ray Job). A CONFIG with ``=`` in it is taken as the first override. Steps already done with the
+    same settings are skipped.
 
     OVERRIDES are dotted settings, e.g. ``pretrain.steps=600 finetune.optim.lr=0.05 workdir=/tmp/demo``.
     """
     from pipelines.tracking import TrackingError
-    from pipelines.workflow import LOCAL_CONFIG, PipelineConfig, StepFailedError, run_pipeline
+    from pipelines.workflow import LOCAL_CONFIG, PipelineConfig, StepFailedError, find_config, run_pipeline
 
     if config is not None and "=" in config and not config.startswith("env:"):
         config, overrides = None, (config, *overrides)
@@ -51,10 +52,10 @@ def run_command(config: str | None, overrides: tuple[str, ...], start_from: str 
             if text is None:
                 raise ConfigError(f"{config}: the environment variable is not set")
             cfg = load_config(PipelineConfig, overrides=overrides, text=text)
-        elif config is not None and not os.path.isfile(config):
-            raise ConfigError(f"{config}: no such config file")
+        elif config is not None and find_config(config) is None:
+            raise ConfigError(f"{config}: no such config file (nor a shipped one: {_shipped_configs()})")
         else:
-            cfg = load_config(PipelineConfig, config or LOCAL_CONFIG, overrides)
+            cfg = load_config(PipelineConfig, find_config(config) if config else LOCAL_CONFIG, overrides)
     except ConfigError as err:
         _fail(str(err))
     started = time.perf_counter()
@@ -94,6 +95,12 @@ def run_command(config: str | None, overrides: tuple[str, ...], start_from: str 
         else:
             click.echo(f"browse             mlflow ui --backend-store-uri {result.tracking_uri} --port 5000")
             click.echo("                   then open http://127.0.0.1:5000")
+
+
+def _shipped_configs() -> str:
+    from pipelines.workflow import CONFIGS_DIR
+
+    return ", ".join(sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml")))
 
 
 @main.command()

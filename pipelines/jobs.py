@@ -333,9 +333,11 @@ def _config_text(config_path: str) -> str:
             raise JobsError(f"config {config_path}: the environment variable {name} is not set")
         text = os.environ[name]
     else:
-        path = Path(config_path)
-        if not path.is_file():
-            raise JobsError(f"config {config_path}: no such file")
+        from pipelines.workflow import find_config
+
+        path = find_config(config_path)
+        if path is None:
+            raise JobsError(f"config {config_path}: no such file (nor a config shipped with the package)")
         text = path.read_text()
     try:
         loaded = yaml.safe_load(text)

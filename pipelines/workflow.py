@@ -36,7 +36,18 @@ from pipelines.evaluate import EvaluateConfig, run_evaluation
 from pipelines.tracking import Tracker, TrackingConfig
 from pipelines.train import FinetuneConfig, PretrainConfig, run_training
 
-LOCAL_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "local.yaml"
+CONFIGS_DIR = Path(__file__).resolve().parent / "configs"  # package data: there after a plain `pip install .`
+LOCAL_CONFIG = CONFIGS_DIR / "local.yaml"
+
+
+def find_config(name: str) -> Path | None:
+    """A config file: ``name`` as a path, else a config shipped with the package (``local``, ``jft-b16``)."""
+    if Path(name).is_file():
+        return Path(name)
+    shipped = CONFIGS_DIR / (name if name.endswith(".yaml") else f"{name}.yaml")
+    return shipped if "/" not in name and shipped.is_file() else None
+
+
 STEPS = ("corpus", "shard", "pretrain", "finetune", "evaluate", "register")
 Step = Literal["corpus", "shard", "pretrain", "finetune", "evaluate", "register"]
 

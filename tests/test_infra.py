@@ -36,7 +36,7 @@ def test_the_cluster_launcher_config_is_valid_for_ray():
     assert any("pip install" in c and "-e /home/ubuntu/vit" in c for c in config["setup_commands"])
 
 
-@pytest.mark.parametrize("path", ["configs/local.yaml", "configs/jft-b16.yaml"])
+@pytest.mark.parametrize("path", ["pipelines/configs/local.yaml", "pipelines/configs/jft-b16.yaml"])
 def test_shipped_pipeline_configs_load(path):
     cfg = load_config(PipelineConfig, ROOT / path)
     assert cfg.register.model_name and cfg.finetune is not None
@@ -76,3 +76,52 @@ def test_the_mlflow_server_is_internal_and_keeps_its_secrets_out_of_the_manifest
     env = {e["name"]: e for e in container["env"]}
     assert "secretKeyRef" in env["MLFLOW_BACKEND_STORE_URI"]["valueFrom"]
     assert container["readinessProbe"]["httpGet"]["path"] == "/health"
+
+
+def test_the_kuberay_configmap_carries_exactly_the_shipped_cluster_recipe():
+    """One source: the ConfigMap's pipeline.yaml is the text of pipelines/configs/jft-b16.yaml, comments included,
+    and the job's cluster has the GPUs that recipe asks for."""
+    docs = manifests("infra/kuberay/rayjob-pipeline.yaml")
+    recipe = (ROOT / "pipelines" / "configs" / "jft-b16.yaml").read_text()
+    assert docs["ConfigMap"]["data"]["pipeline.yaml"] == recipe
+    cfg = load_config(PipelineConfig, ROOT / "pipelines" / "configs" / "jft-b16.yaml")
+    (workers,) = docs["RayJob"]["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    gpus = workers["replicas"] * int(
+        workers["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
+    )
+    assert gpus == cfg.pretrain.scale.num_workers
+
+
+def test_a_plain_install_ships_the_configs_so_vit_run_finds_its_default_anywhere(tmp_path):
+    """`pip install .` (not editable): the package carries its configs, and the installed `vit` finds the embedded
+    default (and the shipped recipes by name) from any folder."""
+    import subprocess
+    import sys
+
+    import shutil
+
+    source, target = tmp_path / "source", tmp_path / "site"  # a copy: the build leaves its folders in the source
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".venv", ".git", "runs", "build", "*.egg-info"))
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target),
+         str(source)],
+        check=True, capture_output=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert (target / "pipelines" / "configs" / "local.yaml").is_file()
+    assert (target / "pipelines" / "configs" / "jft-b16.yaml").is_file()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    code = (
+        "import pipelines, sys; from pipelines.cli import main;"
+        "assert pipelines.__file__.startswith(sys.argv[1]), pipelines.__file__;"
+        "main(['show-config', 'pipeline'])"
+    )
+    shown = subprocess.run([sys.executable, "-c", code, str(target)], capture_output=True, text=True, cwd=elsewhere,
+                           env=env, timeout=120)  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    assert yaml.safe_load(shown.stdout)["workdir"] == "runs/demo"  # the embedded demo's, not PipelineConfig's default
+    run = subprocess.run([sys.executable, "-c", "from pipelines.cli import main; main()", "run", "jft-b16",
+                          "tracking.uri=sqlite:///x.db", "pretrain.optim.lr=fast"],
+                         capture_output=True, text=True, cwd=elsewhere, env=env, timeout=120)  # fmt: skip
+    assert run.returncode == 2 and "pretrain.optim.lr: expected a number" in run.stderr  # found jft-b16 by name

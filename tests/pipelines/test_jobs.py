@@ -473,7 +473,7 @@ def test_submit_runs_the_pipeline(ray_head, mlflow_uri, tmp_path):
     """The real entrypoint: `vit run env:VIT_PIPELINE_YAML` with the local demo config at toy size (the settings of
     test_workflow.py), on the cluster's Ray, tracked on the session's MLflow server (MLFLOW_TRACKING_URI is forwarded
     to the job). The config goes as text; the job's working dir is an uploaded copy of this checkout."""
-    config = REPO / "configs" / "local.yaml"  # PipelineConfig's own defaults are paper-sized (B/16, batch 4096)
+    config = REPO / "pipelines" / "configs" / "local.yaml"  # PipelineConfig's own defaults are paper-sized (B/16)
     overrides = [
         "pretrain_data.synth.images=300",
         "pretrain.steps=6",
