@@ -162,7 +162,7 @@ def worker_decode(corpus: Path) -> dict:
 
 
 def worker_check(corpus: Path) -> dict:
-    from pipelines.images import normalize_image
+    from pipelines.data.images import normalize_image
 
     return _per_file(corpus, lambda _path, data: normalize_image(data))
 
@@ -208,7 +208,7 @@ def worker_minimal_ray(corpus: Path, out: Path) -> dict:
 
 
 def worker_vit_shard(corpus: Path, out: Path) -> dict:
-    from pipelines.shard import ShardConfig, shard_corpus
+    from pipelines.data.shard import ShardConfig, shard_corpus
 
     _ray_init()
     start = time.perf_counter()
@@ -229,7 +229,7 @@ def worker_vit_shard(corpus: Path, out: Path) -> dict:
 
 
 def ensure_corpus(workdir: Path, images: int, image_size: int) -> Path:
-    from pipelines.corpus import synth_corpus
+    from pipelines.data.corpus import synth_corpus
 
     corpus = workdir / f"corpus-{images}-{image_size}px"
     if not (corpus / "labels.parquet").exists():

@@ -212,7 +212,7 @@ def emit(result: dict) -> None:
 
 
 def _spec(shards_dir: str, batch: int, seed: int = 0):
-    from pipelines.stream import StreamSpec, open_shards
+    from pipelines.data.stream import StreamSpec, open_shards
     from vit.data import build_transform
 
     return StreamSpec(
@@ -227,7 +227,7 @@ def _read_samples(shards_dir: str) -> list[tuple[str, bytes]]:
     """Every training sample's (key, image bytes), read from the tars into memory."""
     import fsspec
 
-    from pipelines.stream import IMAGE_EXTENSIONS, iter_tar_samples, open_shards
+    from pipelines.data.stream import IMAGE_EXTENSIONS, iter_tar_samples, open_shards
 
     shards = open_shards(shards_dir, "train")
     samples = []
@@ -290,7 +290,7 @@ def worker_data(shards_dir: str, opts: dict) -> dict:
     make_loader with P workers."""
     import torch
 
-    from pipelines.stream import make_loader
+    from pipelines.data.stream import make_loader
 
     torch.set_num_threads(1)
     procs, batch = opts["procs"], opts["batch"]
@@ -340,7 +340,7 @@ def worker_ray_data(shards_dir: str, opts: dict) -> dict:
     import ray
     import ray.data
 
-    from pipelines.stream import IMAGE_EXTENSIONS, open_shards
+    from pipelines.data.stream import IMAGE_EXTENSIONS, open_shards
     from vit.data import encode_labels, sample_rng
 
     batch, skip, count = opts["batch"], opts["skip"], opts["batches"]
@@ -425,8 +425,8 @@ def worker_plain(shards_dir: str, opts: dict) -> dict:
     """A plain single-process, single-threaded PyTorch loop fed by make_loader with one loader worker."""
     import torch
 
-    from pipelines.stream import make_loader
-    from pipelines.train import build_model, load_train_config, plan_training
+    from pipelines.data.stream import make_loader
+    from pipelines.training.train import build_model, load_train_config, plan_training
     from vit.data import normalize
     from vit.train import build_optimizer, classification_loss, lr_at, set_lr
 
@@ -473,7 +473,7 @@ def worker_ray_train(shards_dir: str, opts: dict) -> dict:
     """run_training with ``opts["workers"]`` one-CPU workers, one loader worker each."""
     import ray
 
-    from pipelines.train import load_train_config, run_training
+    from pipelines.training.train import load_train_config, run_training
 
     workers = opts["workers"]
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
@@ -508,7 +508,7 @@ def worker_ray_train(shards_dir: str, opts: dict) -> dict:
 
 
 def ensure_shards(workdir: Path, images: int, image_size: int, classes: int, shard_samples: int) -> Path:
-    from pipelines.corpus import synth_corpus
+    from pipelines.data.corpus import synth_corpus
 
     corpus = workdir / f"corpus-{images}-{image_size}px-{classes}c"
     shards = workdir / f"shards-{images}-{image_size}px-{classes}c-{shard_samples}"
@@ -529,7 +529,7 @@ def ensure_shards(workdir: Path, images: int, image_size: int, classes: int, sha
 def worker_shard(corpus: str, opts: dict) -> dict:
     import ray
 
-    from pipelines.shard import ShardConfig, shard_corpus
+    from pipelines.data.shard import ShardConfig, shard_corpus
 
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     summary = shard_corpus(ShardConfig(src=corpus, dst=opts["dst"], shard_samples=opts["n"]), log=lambda *_: None)

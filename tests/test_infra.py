@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from pipelines.cli import main
-from pipelines.config import load_config
-from pipelines.workflow import PipelineConfig
+from pipelines.common.config import load_config
+from pipelines.orchestration.workflow import PipelineConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -95,10 +95,9 @@ def test_the_kuberay_configmap_carries_exactly_the_shipped_cluster_recipe():
 def test_a_plain_install_ships_the_configs_so_vit_run_finds_its_default_anywhere(tmp_path):
     """`pip install .` (not editable): the package carries its configs, and the installed `vit` finds the embedded
     default (and the shipped recipes by name) from any folder."""
+    import shutil
     import subprocess
     import sys
-
-    import shutil
 
     source, target = tmp_path / "source", tmp_path / "site"  # a copy: the build leaves its folders in the source
     shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".venv", ".git", "runs", "build", "*.egg-info"))

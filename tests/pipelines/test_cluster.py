@@ -9,8 +9,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.shard import ShardConfig, shard_corpus
-from pipelines.train import load_train_config, run_training
+from pipelines.data.shard import ShardConfig, shard_corpus
+from pipelines.training.train import load_train_config, run_training
 
 
 @pytest.mark.distributed

@@ -5,7 +5,7 @@ from typing import Literal
 
 import pytest
 
-from pipelines.config import ConfigError, apply_overrides, dump_config, load_config
+from pipelines.common.config import ConfigError, apply_overrides, dump_config, load_config
 
 
 @dataclass(kw_only=True)

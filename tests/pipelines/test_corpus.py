@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipelines import corpus
-from pipelines.corpus import (
+from pipelines.data import corpus
+from pipelines.data.corpus import (
     BACKGROUNDS,
     IMAGES_PER_DIR,
     MAX_CLASSES,

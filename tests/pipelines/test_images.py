@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.images import ImagePolicy, RejectedImage, normalize_image
+from pipelines.data.images import ImagePolicy, RejectedImage, normalize_image
 
 
 def photo(size=(64, 48), mode="RGB", seed=0) -> Image.Image:
@@ -183,7 +183,7 @@ def _jpeg_variants() -> dict[str, bytes]:
 
 
 def test_plain_rgb_jpegs_take_the_libjpeg_turbo_check_and_the_rest_pillow():
-    from pipelines.images import _plain_jpeg
+    from pipelines.data.images import _plain_jpeg
 
     taken = {name for name, data in _jpeg_variants().items() if _plain_jpeg(data, ImagePolicy(), False)}
     assert taken == {"baseline", "progressive", "4:4:4", "restart-markers"}
@@ -193,7 +193,7 @@ def test_plain_rgb_jpegs_take_the_libjpeg_turbo_check_and_the_rest_pillow():
 def test_the_fast_jpeg_check_and_pillow_agree_on_damaged_files():
     """Every verdict (kept, re-encoded, or rejected and why) of the libjpeg-turbo check is the one
     Pillow alone gives, over truncations, flipped bytes and cut-out runs of each kind of JPEG."""
-    from pipelines.images import _normalize_with_pillow
+    from pipelines.data.images import _normalize_with_pillow
 
     def verdict(check, data: bytes):
         try:

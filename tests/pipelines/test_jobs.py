@@ -27,8 +27,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from pipelines import jobs
-from pipelines.jobs import JobsError
+from pipelines.orchestration import jobs
+from pipelines.orchestration.jobs import JobsError
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.redaction import REDACTED, is_secret_field, redact, redact_url, secret_fields
+from pipelines.common.redaction import REDACTED, is_secret_field, redact, redact_url, secret_fields
 
 
 @pytest.mark.parametrize(

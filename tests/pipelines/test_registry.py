@@ -30,8 +30,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 import vit
-from pipelines import registry
-from pipelines.registry import (
+from pipelines.registry import registry
+from pipelines.registry.registry import (
     ForeignModelError,
     RegistryError,
     check_platform_model,

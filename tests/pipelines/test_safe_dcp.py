@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 import vit
-from pipelines.safe_dcp import UnsafeCheckpointError, load_state, read_metadata, save_state
+from pipelines.training.safe_dcp import UnsafeCheckpointError, load_state, read_metadata, save_state
 from vit.train import OptimConfig, build_optimizer
 
 pytestmark = pytest.mark.filterwarnings(
@@ -237,7 +237,7 @@ def rank_main(rank, folder, port, out):
     import vit
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     from torch.distributed.fsdp import fully_shard
-    from pipelines.safe_dcp import UnsafeCheckpointError, load_state, save_state
+    from pipelines.training.safe_dcp import UnsafeCheckpointError, load_state, save_state
     from vit.train import OptimConfig, build_optimizer
 
     config = vit.ViTConfig(img_size=32, patch_size=8, width=32, depth=2, num_heads=2, mlp_dim=64, num_classes=5)

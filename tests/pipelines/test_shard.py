@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipelines.shard import ShardConfig, ShardError, shard_corpus, verify_shards
+from pipelines.data.shard import ShardConfig, ShardError, shard_corpus, verify_shards
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -197,7 +197,7 @@ def test_shuffle_is_deterministic_and_random(tmp_path):
 
 def test_the_plan_does_not_depend_on_how_the_index_is_cut(tmp_path, monkeypatch):
     """Buckets and listing units are how the index scales out; the shards must not depend on them."""
-    from pipelines import shard
+    from pipelines.data import shard
 
     src = tmp_path / "src"
     write_folder_corpus(src, per_class=30)
@@ -311,7 +311,7 @@ LABEL_COLUMNS = {
 def test_label_columns_are_read_in_arrow_as_row_by_row(values, classes):
     import pyarrow as pa
 
-    from pipelines.shard import _as_label_names, _label_names
+    from pipelines.data.shard import _as_label_names, _label_names
 
     kind = pa.int8() if values is LABEL_COLUMNS["small-ints"] else pa.array(values).type
     column = pa.chunked_array([pa.array(values[:2], kind), pa.array(values[2:], kind)])
@@ -323,7 +323,7 @@ def test_label_columns_are_read_in_arrow_as_row_by_row(values, classes):
 def test_keys_from_paths_in_arrow_as_one_by_one():
     import pyarrow as pa
 
-    from pipelines.shard import _key_from_path, _keys_from_paths
+    from pipelines.data.shard import _key_from_path, _keys_from_paths
 
     paths = [
         "a/b.jpg",
@@ -421,7 +421,7 @@ def test_killed_run_resumes_to_identical_shards(tmp_path):
     shard_corpus(ShardConfig(dst=str(reference), **cfg), log=lambda *_: None)
 
     script = (
-        "import ray; from pipelines.shard import ShardConfig, shard_corpus; "
+        "import ray; from pipelines.data.shard import ShardConfig, shard_corpus; "
         "ray.init(address='local', num_cpus=2, include_dashboard=False, log_to_driver=False); "
         f"shard_corpus(ShardConfig(dst={str(killed)!r}, **{cfg!r}))"
     )
@@ -791,7 +791,7 @@ def test_files_sharing_a_stem_are_all_kept_with_unique_stable_keys(tmp_path, mon
     import pyarrow as pa
     import ray.data
 
-    from pipelines import shard
+    from pipelines.data import shard
 
     src = tmp_path / "src"
     count = write_folder_corpus(src, per_class=6)

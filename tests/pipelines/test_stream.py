@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.stream import (
+from pipelines.data.stream import (
     ShardReadError,
     ShardsError,
     ShardStream,

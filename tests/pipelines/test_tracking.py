@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.tracking import LiveMetrics, LiveTarget, Tracker, TrackingConfig, flatten, tracking_uri
+from pipelines.tracking.tracking import LiveMetrics, LiveTarget, Tracker, TrackingConfig, flatten, tracking_uri
 
 
 class Relay:
@@ -97,7 +97,7 @@ def test_live_metrics_buffer_through_an_outage_and_hand_back_what_never_got_thro
     run_id = tracker.start_run(key="unit", name="unit")
     relay.down()
     live = LiveMetrics(LiveTarget(uri=relay.uri, run_id=run_id, system_metrics=False), flush_seconds=0.2)
-    caplog.set_level(logging.WARNING, logger="pipelines.tracking")
+    caplog.set_level(logging.WARNING, logger="pipelines.tracking.tracking")
     for step in range(1, 6):
         live.log(step, {"train/loss": 1.0 / step})
     deadline = time.monotonic() + 30
@@ -129,7 +129,7 @@ def test_training_finishes_through_a_tracking_outage_and_loses_no_step(relay, ml
     finishes, and MLflow ends up with every step's loss exactly once and the run FINISHED."""
     from mlflow import MlflowClient
 
-    from pipelines.train import load_train_config, run_training
+    from pipelines.training.train import load_train_config, run_training
 
     steps = 40
     cfg = load_train_config(
@@ -171,7 +171,7 @@ def test_an_unreachable_server_is_a_clear_error_before_any_work(monkeypatch):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # nothing listens here once the socket is closed
-    from pipelines.tracking import TrackingError
+    from pipelines.tracking.tracking import TrackingError
 
     with pytest.raises(TrackingError, match=r"tracking.uri: MLflow at http://127.0.0.1:\d+ cannot be used"):
         Tracker(TrackingConfig(uri=f"http://127.0.0.1:{port}"))

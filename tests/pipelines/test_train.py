@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 import vit
-from pipelines.config import ConfigError
-from pipelines.evaluate import EvaluateConfig, evaluate_model
-from pipelines.train import (
+from pipelines.common.config import ConfigError
+from pipelines.evaluation.evaluate import EvaluateConfig, evaluate_model
+from pipelines.training.train import (
     TrainingDivergedError,
     _Loop,
     _Window,

@@ -178,8 +178,8 @@ def test_the_pipeline_runs_with_its_workdir_on_s3(s3_bucket, s3_storage_options,
     finished pipeline is found again there and skipped."""
     import s3fs
 
-    from pipelines.config import load_config
-    from pipelines.workflow import LOCAL_CONFIG, PipelineConfig, run_pipeline
+    from pipelines.common.config import load_config
+    from pipelines.orchestration.workflow import LOCAL_CONFIG, PipelineConfig, run_pipeline
 
     workdir = f"{s3_bucket}/work"
     overrides = [*TINY, "pretrain_data.synth.images=200", f"workdir={workdir}", "tracking.experiment=wf-s3"]

@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING
 
 import click
 
-from pipelines.config import ConfigError, dump_config, load_config
+from pipelines.common.config import ConfigError, dump_config, load_config
 
 if TYPE_CHECKING:
-    from pipelines.corpus import CorpusSummary
+    from pipelines.data.corpus import CorpusSummary
 
 
 def _fail(message: str) -> None:
@@ -41,8 +41,14 @@ def run_command(config: str | None, overrides: tuple[str, ...], start_from: str 
 
     OVERRIDES are dotted settings, e.g. ``pretrain.steps=600 finetune.optim.lr=0.05 workdir=/tmp/demo``.
     """
-    from pipelines.tracking import TrackingError
-    from pipelines.workflow import LOCAL_CONFIG, PipelineConfig, StepFailedError, find_config, run_pipeline
+    from pipelines.orchestration.workflow import (
+        LOCAL_CONFIG,
+        PipelineConfig,
+        StepFailedError,
+        find_config,
+        run_pipeline,
+    )
+    from pipelines.tracking.tracking import TrackingError
 
     if config is not None and "=" in config and not config.startswith("env:"):
         config, overrides = None, (config, *overrides)
@@ -98,7 +104,7 @@ def run_command(config: str | None, overrides: tuple[str, ...], start_from: str 
 
 
 def _shipped_configs() -> str:
-    from pipelines.workflow import CONFIGS_DIR
+    from pipelines.orchestration.workflow import CONFIGS_DIR
 
     return ", ".join(sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml")))
 
@@ -219,7 +225,7 @@ def shard(src: str, dst: str | None, address: str | None, overwrite: bool, **opt
         return
     if dst is None:
         _fail("missing DST: vit shard SRC DST")
-    from pipelines.shard import ShardConfig, ShardError, shard_corpus
+    from pipelines.data.shard import ShardConfig, ShardError, shard_corpus
 
     shard_bytes, max_file_bytes = options.pop("shard_bytes"), options.pop("max_file_bytes")
     options["eval_sets"] = list(options["eval_sets"])
@@ -245,7 +251,7 @@ def shard(src: str, dst: str | None, address: str | None, overwrite: bool, **opt
 
 
 def _verify(dst: str | None) -> None:
-    from pipelines.shard import verify_shards
+    from pipelines.data.shard import verify_shards
 
     if dst is None:
         _fail("missing DST: vit shard verify DST")
@@ -268,13 +274,13 @@ def _parse_bytes(text: str, option: str) -> int:
 
 
 def _init_ray(address: str | None) -> None:
-    from pipelines.workflow import init_ray
+    from pipelines.orchestration.workflow import init_ray
 
     init_ray(address)
 
 
 def _train_command(recipe: str, config_path: str | None, overrides: tuple[str, ...], address: str | None) -> None:
-    from pipelines.train import (
+    from pipelines.training.train import (
         TrainingDataError,
         TrainingDivergedError,
         load_train_config,
@@ -287,7 +293,7 @@ def _train_command(recipe: str, config_path: str | None, overrides: tuple[str, .
         plan_training(cfg)  # checks the config against the shards before any cluster starts
     except (ConfigError, FileNotFoundError, ValueError) as err:
         _fail(str(err))
-    from pipelines.tracking import TrackingError
+    from pipelines.tracking.tracking import TrackingError
 
     _init_ray(address)
     try:
@@ -347,8 +353,8 @@ def evaluate(config_path: str | None, overrides: tuple[str, ...]) -> None:
 
     OVERRIDES, e.g. ``model=runs/finetune-digits shards=shards/digits split=test``.
     """
-    from pipelines.evaluate import EvaluateConfig, run_evaluation
-    from pipelines.tracking import TrackingError
+    from pipelines.evaluation.evaluate import EvaluateConfig, run_evaluation
+    from pipelines.tracking.tracking import TrackingError
 
     try:
         cfg = load_config(EvaluateConfig, config_path, overrides)
@@ -388,7 +394,7 @@ def synth(
     overwrite: bool,
 ) -> None:
     """Write a synthetic JFT-style corpus of JPEGs with noisy multi-labels to DST (a path or fsspec URL)."""
-    from pipelines.corpus import synth_corpus
+    from pipelines.data.corpus import synth_corpus
 
     try:
         summary = synth_corpus(
@@ -416,7 +422,7 @@ def synth(
 @click.option("--overwrite", is_flag=True, help="Replace a corpus already at DST.")
 def digits(dst: str, scale: int, split_fraction: float, seed: int, overwrite: bool) -> None:
     """Write scikit-learn's 1,797 real handwritten digits to DST as a labelled, split PNG set."""
-    from pipelines.corpus import import_digits
+    from pipelines.data.corpus import import_digits
 
     try:
         summary = import_digits(dst, scale=scale, split_fraction=split_fraction, seed=seed, overwrite=overwrite)
@@ -442,9 +448,9 @@ def _print_corpus(summary: CorpusSummary) -> None:
 @click.argument("overrides", nargs=-1)
 def show_config(kind: str, overrides: tuple[str, ...]) -> None:
     """Print a job's resolved config as YAML (defaults plus OVERRIDES)."""
-    from pipelines.evaluate import EvaluateConfig
-    from pipelines.train import CONFIGS
-    from pipelines.workflow import LOCAL_CONFIG, PipelineConfig
+    from pipelines.evaluation.evaluate import EvaluateConfig
+    from pipelines.orchestration.workflow import LOCAL_CONFIG, PipelineConfig
+    from pipelines.training.train import CONFIGS
 
     kinds = {"pipeline": PipelineConfig, "evaluate": EvaluateConfig, **CONFIGS}
     try:
@@ -457,7 +463,8 @@ def show_config(kind: str, overrides: tuple[str, ...]) -> None:
 def _add_edge_commands() -> None:
     """The registry, prediction and Ray Job commands live with their code; their modules import MLflow and
     Ray only inside the commands, so `vit --help` stays fast."""
-    from pipelines import jobs, registry
+    from pipelines.orchestration import jobs
+    from pipelines.registry import registry
 
     for command in (registry.registry, registry.predict, jobs.submit, jobs.jobs):
         main.add_command(command)

@@ -47,8 +47,8 @@ import numpy as np
 import pyarrow as pa
 from fsspec.implementations.local import LocalFileSystem
 
-from pipelines.config import check
-from pipelines.images import ImagePolicy, RejectedImage, normalize_image
+from pipelines.common.config import check
+from pipelines.data.images import ImagePolicy, RejectedImage, normalize_image
 
 SourceKind = Literal["auto", "folder", "table", "tars"]
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}

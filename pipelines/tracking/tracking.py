@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pipelines.redaction import redact
+from pipelines.common.redaction import redact
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -31,12 +31,12 @@ from typing import Any, Literal
 
 import fsspec
 
-from pipelines.config import ConfigError, check, to_dict
-from pipelines.evaluate import EvaluateConfig, run_evaluation
-from pipelines.tracking import Tracker, TrackingConfig
-from pipelines.train import FinetuneConfig, PretrainConfig, run_training
+from pipelines.common.config import ConfigError, check, to_dict
+from pipelines.evaluation.evaluate import EvaluateConfig, run_evaluation
+from pipelines.tracking.tracking import Tracker, TrackingConfig
+from pipelines.training.train import FinetuneConfig, PretrainConfig, run_training
 
-CONFIGS_DIR = Path(__file__).resolve().parent / "configs"  # package data: there after a plain `pip install .`
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"  # package data: there after a plain `pip install .`
 LOCAL_CONFIG = CONFIGS_DIR / "local.yaml"
 
 
@@ -167,8 +167,8 @@ def init_ray(address: str | None = None) -> None:
     job's operators reserve CPUs and must not starve each other.
 
     The terminal gets what our commands print (their lines and bars, training progress through
-    ``pipelines.progress``), not Ray's own: the actors' output stays in Ray's log files (``log_to_driver=False``),
-    and so does Ray Data's per-dataset plan and progress, which it prints at INFO."""
+    ``pipelines.training.progress``), not Ray's own: the actors' output stays in Ray's log files
+    (``log_to_driver=False``), and so does Ray Data's per-dataset plan and progress, which it prints at INFO."""
     import logging
 
     import ray
@@ -377,7 +377,7 @@ class _Runner:
     # -- the steps
 
     def _step_corpus(self, label: str, attempt: str, inputs: dict) -> dict:
-        from pipelines.corpus import import_digits, synth_corpus
+        from pipelines.data.corpus import import_digits, synth_corpus
 
         outputs = {}
         for which, data in self._datasets().items():
@@ -407,8 +407,8 @@ class _Runner:
         return outputs
 
     def _step_shard(self, label: str, attempt: str, inputs: dict) -> dict:
-        from pipelines.shard import ShardConfig, shard_corpus
-        from pipelines.tracking import dataset_fingerprint
+        from pipelines.data.shard import ShardConfig, shard_corpus
+        from pipelines.tracking.tracking import dataset_fingerprint
 
         init_ray()  # by the first step that needs it: a pipeline whose steps are all cached needs none
         outputs: dict[str, Any] = {}
@@ -509,9 +509,9 @@ class _Runner:
             return {}
         import mlflow
 
-        from pipelines.registry import log_vit_model, promote, register_model
-        from pipelines.stream import read_classes, read_info
-        from pipelines.train import local_weights
+        from pipelines.data.stream import read_classes, read_info
+        from pipelines.registry.registry import log_vit_model, promote, register_model
+        from pipelines.training.train import local_weights
 
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # the step's log line says enough
         run_id = tuned["mlflow_run_id"]

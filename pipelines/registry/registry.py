@@ -8,7 +8,7 @@
     predict_images("models:/vit-digits@champion", ["cat.jpg"])  # one dict per image
     load_pyfunc("models:/vit-digits@champion")                   # the pyfunc model itself
 
-The model is logged as code (``pipelines/pyfunc_model.py``) with the ``vit`` package as a code path, so it loads
+The model is logged as code (``pipelines/registry/pyfunc_model.py``) with the ``vit`` package as a code path, so it loads
 wherever torch, numpy, pillow and safetensors are installed, without this repository or any pickled class.
 ``load_pyfunc`` (which ``predict_images`` and ``vit predict`` use) loads nothing else: it reads the model's MLmodel
 file first and refuses any pyfunc that is not such a model, above all a cloudpickled ``python_model``, whose
@@ -570,8 +570,8 @@ def _connect(tracking_uri: str | None) -> None:
 
     import mlflow
 
-    from pipelines.tracking import TrackingConfig
-    from pipelines.tracking import tracking_uri as resolve
+    from pipelines.tracking.tracking import TrackingConfig
+    from pipelines.tracking.tracking import tracking_uri as resolve
 
     uri = resolve(TrackingConfig(uri=tracking_uri or ""))  # the same default as the pipeline's: ./mlflow.db
     mlflow.set_tracking_uri(uri)

@@ -126,7 +126,7 @@ def to_dict(obj: Any) -> Any:
 
 def dump_config(obj: Any) -> str:
     """The config as YAML, as written anywhere outside the process: credentials redacted."""
-    from pipelines.redaction import redact
+    from pipelines.common.redaction import redact
 
     return yaml.safe_dump(redact(to_dict(obj)), sort_keys=False)
 

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 import torch
 
 import vit
-from pipelines.config import check
-from pipelines.stream import ShardSet, StreamSpec, make_loader, open_shards, read_classes
-from pipelines.tracking import Tracker, TrackingConfig, dataset_fingerprint
-from pipelines.train import local_weights, resolve_weights
+from pipelines.common.config import check
+from pipelines.data.stream import ShardSet, StreamSpec, make_loader, open_shards, read_classes
+from pipelines.tracking.tracking import Tracker, TrackingConfig, dataset_fingerprint
+from pipelines.training.train import local_weights, resolve_weights
 from vit.data import build_transform, normalize
 from vit.evaluate import fewshot_accuracy, topk_hits
 
@@ -68,7 +68,7 @@ def run_evaluation(
 ) -> EvaluationResult:
     """``evaluate_model`` as an MLflow run: the metrics, the confusion matrix (counts and a plot), the
     test shards as input, tagged with the model evaluated (and the run that trained it, via ``tags``)."""
-    from pipelines.config import dump_config, to_dict
+    from pipelines.common.config import dump_config, to_dict
 
     tracker = Tracker.open(cfg.tracking)
     details: dict = {}

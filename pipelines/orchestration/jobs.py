@@ -333,7 +333,7 @@ def _config_text(config_path: str) -> str:
             raise JobsError(f"config {config_path}: the environment variable {name} is not set")
         text = os.environ[name]
     else:
-        from pipelines.workflow import find_config
+        from pipelines.orchestration.workflow import find_config
 
         path = find_config(config_path)
         if path is None:
@@ -368,7 +368,7 @@ def _requirements(path: str) -> list[str]:
 
 
 def _check_env(env: Mapping[str, str]) -> None:
-    from pipelines.redaction import is_secret_field
+    from pipelines.common.redaction import is_secret_field
 
     for key, value in env.items():
         if not key or not key.replace("_", "A").isalnum() or key[0].isdigit():
@@ -384,8 +384,8 @@ def _check_env(env: Mapping[str, str]) -> None:
 
 def _check_overrides_carry_no_secrets(overrides: Sequence[str]) -> None:
     """An override is part of the job's entrypoint, which the dashboard shows to anyone."""
-    from pipelines.config import apply_overrides
-    from pipelines.redaction import secret_fields
+    from pipelines.common.config import apply_overrides
+    from pipelines.common.redaction import secret_fields
 
     found = secret_fields(apply_overrides({}, overrides))
     if found:
@@ -400,7 +400,7 @@ def _without_secrets(text: str) -> tuple[str, list[str]]:
     to the cluster's own (a config's comments and layout are kept when there is nothing to leave out)."""
     import yaml
 
-    from pipelines.redaction import redact, secret_fields
+    from pipelines.common.redaction import redact, secret_fields
 
     loaded = yaml.safe_load(text) or {}
     found = secret_fields(loaded)
@@ -412,8 +412,8 @@ def _without_secrets(text: str) -> tuple[str, list[str]]:
 def _check_results_reachable(config_text: str | None, overrides: Sequence[str], env_vars: Mapping[str, str]) -> None:
     """Refuse a pipeline whose results would land in the job's temporary copy of the working dir on the cluster,
     where nobody can open them afterwards: a relative workdir, or a local MLflow store by default."""
-    from pipelines.config import ConfigError, load_config
-    from pipelines.workflow import LOCAL_CONFIG, PipelineConfig
+    from pipelines.common.config import ConfigError, load_config
+    from pipelines.orchestration.workflow import LOCAL_CONFIG, PipelineConfig
 
     try:
         if config_text is None:
@@ -605,10 +605,8 @@ def submit_pipeline(
     client = _client(address)  # before the walk below: a wrong address is the likelier mistake, and quick to report
     files, size = package_size(runtime_env["working_dir"])
     say(f"working dir  {runtime_env['working_dir']} ({files} files, {_mib(size)} before compression)")
-    if not (Path(runtime_env["working_dir"]) / "pipelines" / "cli.py").is_file() and entrypoint is None:
-        say(
-            "note: the working dir has no pipelines/cli.py; the job uses the pipelines package installed on the cluster"
-        )
+    if not (Path(runtime_env["working_dir"]) / "pipelines" / "cli" / "__init__.py").is_file() and entrypoint is None:
+        say("note: the working dir has no pipelines/cli/; the job uses the pipelines package installed on the cluster")
     forwarded = [name for name in runtime_env.get("env_vars", {}) if name != CONFIG_ENV]
     if forwarded:
         say(f"environment  {', '.join(sorted(forwarded))}")  # names only: values can hold hostnames, users

@@ -33,11 +33,11 @@ import torch.distributed as dist
 from torch import nn
 
 import vit
-from pipelines.config import ConfigError, check, from_dict, to_dict
-from pipelines.progress import ProgressChannel, RankZeroProgress
-from pipelines.redaction import redact
-from pipelines.stream import ShardsError, ShardSet, StreamSpec, make_loader, open_shards, read_info
-from pipelines.tracking import LiveMetrics, LiveTarget, Tracker, TrackingConfig, metrics_of
+from pipelines.common.config import ConfigError, check, from_dict, to_dict
+from pipelines.common.redaction import redact
+from pipelines.data.stream import ShardsError, ShardSet, StreamSpec, make_loader, open_shards, read_info
+from pipelines.tracking.tracking import LiveMetrics, LiveTarget, Tracker, TrackingConfig, metrics_of
+from pipelines.training.progress import ProgressChannel, RankZeroProgress
 from vit.data import build_transform, normalize
 from vit.evaluate import topk_hits
 from vit.model import VisionTransformer
@@ -237,7 +237,7 @@ class _Plan:
     name: str  # the run's folder under storage_path
     run_dir: str  # storage_path/name: a path or a URL
     tracking: dict | None = None  # a LiveTarget's fields: where rank 0 logs its metrics
-    progress: Any = None  # a Ray queue: rank 0's log lines and steps, shown by the driver (pipelines.progress)
+    progress: Any = None  # a Ray queue: rank 0's log lines and steps, shown by the driver (pipelines.training.progress)
 
 
 # ------------------------------------------------------------------------------------------------------------- driver
@@ -392,7 +392,7 @@ def run_training(
 
 
 def _start_tracked_run(tracker: Tracker, cfg: TrainConfig, plan: _Plan, parent_run_id, tags: dict) -> str:
-    from pipelines.tracking import dataset_fingerprint
+    from pipelines.tracking.tracking import dataset_fingerprint
 
     shards = cfg.data.shards.rstrip("/")
     digest = dataset_fingerprint(shards, cfg.data.storage_options)
@@ -428,8 +428,8 @@ def _start_tracked_run(tracker: Tracker, cfg: TrainConfig, plan: _Plan, parent_r
 
 def _finish_tracked_run(tracker: Tracker, cfg: TrainConfig, result: TrainResult, unsent, status, log) -> None:
     """Reconcile the metric history with what MLflow holds, then the artifacts; the run ends FINISHED."""
-    from pipelines.config import dump_config
-    from pipelines.tracking import training_curves
+    from pipelines.common.config import dump_config
+    from pipelines.tracking.tracking import training_curves
 
     run_id = result.mlflow_run_id
     # Each step's own values last: at a logged step they, not the window's mean loss, are what MLflow should hold.
@@ -473,7 +473,7 @@ def _finish_quietly(tracker: Tracker, run_id: str | None, status: str) -> None:
 
 
 def load_train_config(recipe: Recipe, path: str | None, overrides: tuple[str, ...] | list[str]) -> TrainConfig:
-    from pipelines.config import load_config
+    from pipelines.common.config import load_config
 
     return load_config(CONFIGS[recipe], path, overrides)
 
@@ -809,7 +809,7 @@ class _Loop:
         import ray.train
         from ray.train import Checkpoint
 
-        from pipelines.safe_dcp import save_state
+        from pipelines.training.safe_dcp import save_state
 
         with tempfile.TemporaryDirectory(prefix="vit-ckpt-") as folder:
             folder = Path(folder)
@@ -881,7 +881,7 @@ class _Loop:
     def _restore(self, folder: Path) -> None:
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
-        from pipelines.safe_dcp import load_state
+        from pipelines.training.safe_dcp import load_state
 
         trainer_state = json.loads((folder / STATE_FILE).read_text())
         state = self._state_dict()

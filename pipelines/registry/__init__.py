@@ -1,0 +1,1 @@
+"""Figures to a registered model: the pyfunc model, registration and promotion, prediction."""
