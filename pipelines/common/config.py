@@ -31,18 +31,20 @@ def load_config(
     overrides."""
     data: dict = {}
     if path is not None or text is not None:
-        where = path if text is None else "the config text"
-        if text is None:
-            text = Path(path).read_text()
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{where}: not valid YAML: {err}") from err
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{where}: expected a mapping at the top level, got {type(loaded).__name__}")
-        data = loaded or {}
+        data = parse_mapping(Path(path).read_text() if text is None else text, path if text is None else "config text")
     data = apply_overrides(data, overrides)
     return from_dict(cls, data)
+
+
+def parse_mapping(text: str, where: object) -> dict:
+    """The YAML ``text`` of a config: a mapping (empty text: an empty one); a ``ConfigError`` naming ``where``."""
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where}: not valid YAML: {err}") from err
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{where}: expected a mapping at the top level, got {type(loaded).__name__}")
+    return loaded or {}
 
 
 def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:

@@ -325,7 +325,7 @@ def pipeline_entrypoint(config_path: str | None, overrides: Sequence[str] = ()) 
 
 def _config_text(config_path: str) -> str:
     """The YAML text of a local file (or of a local environment variable, ``env:NAME``), checked to be a mapping."""
-    import yaml
+    from pipelines.common.config import ConfigError, parse_mapping
 
     if config_path.startswith("env:"):
         name = config_path[4:]
@@ -340,11 +340,9 @@ def _config_text(config_path: str) -> str:
             raise JobsError(f"config {config_path}: no such file (nor a config shipped with the package)")
         text = path.read_text()
     try:
-        loaded = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise JobsError(f"config {config_path}: not valid YAML: {err}") from None
-    if loaded is not None and not isinstance(loaded, dict):
-        raise JobsError(f"config {config_path}: expected a mapping at the top level, got {type(loaded).__name__}")
+        parse_mapping(text, f"config {config_path}")
+    except ConfigError as err:
+        raise JobsError(str(err)) from None
     if len(text.encode()) > MAX_CONFIG_BYTES:
         raise JobsError(f"config {config_path}: {len(text.encode())} bytes, more than an environment variable can hold")
     return text
@@ -400,9 +398,10 @@ def _without_secrets(text: str) -> tuple[str, list[str]]:
     to the cluster's own (a config's comments and layout are kept when there is nothing to leave out)."""
     import yaml
 
+    from pipelines.common.config import parse_mapping
     from pipelines.common.redaction import redact, secret_fields
 
-    loaded = yaml.safe_load(text) or {}
+    loaded = parse_mapping(text, "config text")
     found = secret_fields(loaded)
     if not found:
         return text, []

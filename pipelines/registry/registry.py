@@ -8,8 +8,8 @@
     predict_images("models:/vit-digits@champion", ["cat.jpg"])  # one dict per image
     load_pyfunc("models:/vit-digits@champion")                   # the pyfunc model itself
 
-The model is logged as code (``pipelines/registry/pyfunc_model.py``) with the ``vit`` package as a code path, so it loads
-wherever torch, numpy, pillow and safetensors are installed, without this repository or any pickled class.
+The model is logged as code (``pipelines/registry/pyfunc_model.py``) with the ``vit`` package as a code path, so it
+loads wherever torch, numpy, pillow and safetensors are installed, without this repository or any pickled class.
 ``load_pyfunc`` (which ``predict_images`` and ``vit predict`` use) loads nothing else: it reads the model's MLmodel
 file first and refuses any pyfunc that is not such a model, above all a cloudpickled ``python_model``, whose
 unpickling alone could run arbitrary code.
