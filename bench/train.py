@@ -34,7 +34,7 @@ at 1), the shards' loss (sigmoid for multi-label shards), --batch images per wor
 every --log-every. Images/s per worker: all windows but the first (start-up), total images over total time.
 
 * ``plain loop``: one process, ``torch.set_num_threads(1)`` and OMP_NUM_THREADS=1, fed by ``make_loader`` with
-  1 loader worker, the same model ``run_training`` builds (``pipelines.train.build_model``: pre-logits layer,
+  1 loader worker, the same model ``run_training`` builds (``pipelines.training.weights.build_model``: pre-logits layer,
   head bias -10) and the same step (normalise, forward, loss, backward, clip, AdamW, zero_grad, ``.item()``s).
 * ``run_training``: Ray Train with ``scale.num_workers=N``, ``scale.cpus_per_worker=1`` and
   ``data.loader_workers=1``; per-worker images/s from ``TrainResult.history``. Ray gives a 1-CPU actor
@@ -426,7 +426,9 @@ def worker_plain(shards_dir: str, opts: dict) -> dict:
     import torch
 
     from pipelines.data.stream import make_loader
-    from pipelines.training.train import build_model, load_train_config, plan_training
+    from pipelines.training.config import load_train_config
+    from pipelines.training.driver import plan_training
+    from pipelines.training.weights import build_model
     from vit.data import normalize
     from vit.train import build_optimizer, classification_loss, lr_at, set_lr
 
@@ -473,7 +475,8 @@ def worker_ray_train(shards_dir: str, opts: dict) -> dict:
     """run_training with ``opts["workers"]`` one-CPU workers, one loader worker each."""
     import ray
 
-    from pipelines.training.train import load_train_config, run_training
+    from pipelines.training.config import load_train_config
+    from pipelines.training.driver import run_training
 
     workers = opts["workers"]
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)

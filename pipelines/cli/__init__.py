@@ -280,13 +280,8 @@ def _init_ray(address: str | None) -> None:
 
 
 def _train_command(recipe: str, config_path: str | None, overrides: tuple[str, ...], address: str | None) -> None:
-    from pipelines.training.train import (
-        TrainingDataError,
-        TrainingDivergedError,
-        load_train_config,
-        plan_training,
-        run_training,
-    )
+    from pipelines.training.config import load_train_config
+    from pipelines.training.driver import TrainingDataError, TrainingDivergedError, plan_training, run_training
 
     try:
         cfg = load_train_config(recipe, config_path, overrides)
@@ -450,7 +445,7 @@ def show_config(kind: str, overrides: tuple[str, ...]) -> None:
     """Print a job's resolved config as YAML (defaults plus OVERRIDES)."""
     from pipelines.evaluation.evaluate import EvaluateConfig
     from pipelines.orchestration.workflow import LOCAL_CONFIG, PipelineConfig
-    from pipelines.training.train import CONFIGS
+    from pipelines.training.config import CONFIGS
 
     kinds = {"pipeline": PipelineConfig, "evaluate": EvaluateConfig, **CONFIGS}
     try:

@@ -34,7 +34,8 @@ import fsspec
 from pipelines.common.config import ConfigError, check, to_dict
 from pipelines.evaluation.evaluate import EvaluateConfig, run_evaluation
 from pipelines.tracking.tracking import Tracker, TrackingConfig
-from pipelines.training.train import FinetuneConfig, PretrainConfig, run_training
+from pipelines.training.config import FinetuneConfig, PretrainConfig
+from pipelines.training.driver import run_training
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"  # package data: there after a plain `pip install .`
 LOCAL_CONFIG = CONFIGS_DIR / "local.yaml"
@@ -511,7 +512,7 @@ class _Runner:
 
         from pipelines.data.stream import read_classes, read_info
         from pipelines.registry.registry import log_vit_model, promote, register_model
-        from pipelines.training.train import local_weights
+        from pipelines.training.weights import local_weights
 
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # the step's log line says enough
         run_id = tuned["mlflow_run_id"]

@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.data.shard import ShardConfig, shard_corpus
-from pipelines.training.train import load_train_config, run_training
+from pipelines.training.config import load_train_config
+from pipelines.training.driver import run_training
 
 
 @pytest.mark.distributed

@@ -16,7 +16,8 @@ import torch
 
 import vit
 from pipelines.common.config import ConfigError
-from pipelines.training.train import build_model, init_model_config, load_train_config
+from pipelines.training.config import load_train_config
+from pipelines.training.weights import build_model, init_model_config
 
 
 def random_model(name: str = "Mu/8", *, seed: int = 0, **overrides) -> vit.VisionTransformer:

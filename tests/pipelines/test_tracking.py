@@ -129,7 +129,8 @@ def test_training_finishes_through_a_tracking_outage_and_loses_no_step(relay, ml
     finishes, and MLflow ends up with every step's loss exactly once and the run FINISHED."""
     from mlflow import MlflowClient
 
-    from pipelines.training.train import load_train_config, run_training
+    from pipelines.training.config import load_train_config
+    from pipelines.training.driver import run_training
 
     steps = 40
     cfg = load_train_config(

@@ -14,16 +14,10 @@ from safetensors.torch import load_file
 import vit
 from pipelines.common.config import ConfigError
 from pipelines.evaluation.evaluate import EvaluateConfig, evaluate_model
-from pipelines.training.train import (
-    TrainingDivergedError,
-    _Loop,
-    _Window,
-    build_model,
-    load_train_config,
-    plan_training,
-    resolve_weights,
-    run_training,
-)
+from pipelines.training.config import load_train_config
+from pipelines.training.driver import TrainingDivergedError, plan_training, run_training
+from pipelines.training.loop import _Loop, _Window
+from pipelines.training.weights import build_model, resolve_weights
 
 # 12 steps of 16 images = 2 workers x 2 micro-batches of 4 (gradient accumulation), checkpoints every 4.
 TINY = [
