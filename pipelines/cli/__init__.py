@@ -240,7 +240,9 @@ def shard(src: str, dst: str | None, address: str | None, overwrite: bool, **opt
     except ValueError as err:  # a ShardConfig check names its field: shown as the option that sets it
         field_name, sep, rest = str(err).partition(":")
         _fail(f"--{field_name.replace('_', '-')}:{rest}" if sep and field_name in options else str(err))
-    _init_ray(address)
+    from pipelines.orchestration.workflow import init_ray
+
+    init_ray(address)
     try:
         summary = shard_corpus(cfg, overwrite=overwrite, progress=True, log=click.echo)
     except (ShardError, FileNotFoundError, PermissionError) as err:
@@ -273,12 +275,6 @@ def _parse_bytes(text: str, option: str) -> int:
     return int(float(value) * units[unit])
 
 
-def _init_ray(address: str | None) -> None:
-    from pipelines.orchestration.workflow import init_ray
-
-    init_ray(address)
-
-
 def _train_command(recipe: str, config_path: str | None, overrides: tuple[str, ...], address: str | None) -> None:
     from pipelines.training.config import load_train_config
     from pipelines.training.driver import TrainingDataError, TrainingDivergedError, plan_training, run_training
@@ -288,9 +284,10 @@ def _train_command(recipe: str, config_path: str | None, overrides: tuple[str, .
         plan_training(cfg)  # checks the config against the shards before any cluster starts
     except (ConfigError, FileNotFoundError, ValueError) as err:
         _fail(str(err))
+    from pipelines.orchestration.workflow import init_ray
     from pipelines.tracking.tracking import TrackingError
 
-    _init_ray(address)
+    init_ray(address)
     try:
         result = run_training(cfg, log=click.echo)
     except (TrainingDivergedError, TrainingDataError, TrackingError) as err:

@@ -68,15 +68,19 @@ def local_artifact_location(sqlite_uri: str) -> str:
     return (database.resolve().parent / "mlartifacts").as_uri()
 
 
-def flatten(config: dict, prefix: str = "") -> dict[str, str]:
+def flatten(config: dict) -> dict[str, str]:
     """``{"optim": {"lr": 0.1}}`` -> ``{"optim.lr": "0.1"}``, without storage options and secrets."""
+    return _flatten(redact(config, drop=True), "")
+
+
+def _flatten(config: dict, prefix: str) -> dict[str, str]:
     flat: dict[str, str] = {}
-    for key, value in redact(config, drop=True).items():
+    for key, value in config.items():
         if key in NOT_PARAMS:
             continue
         name = f"{prefix}{key}"
         if isinstance(value, dict) and value:
-            flat.update(flatten(value, name + "."))
+            flat.update(_flatten(value, name + "."))
         else:
             flat[name] = json.dumps(value) if isinstance(value, (list, dict, type(None), bool)) else str(value)
     return flat
