@@ -56,3 +56,22 @@ def test_the_private_api_check_finds_what_it_looks_for(tmp_path):
         "import ray\nx = ray._private.worker\nfrom ray.train import Checkpoint\n"
     )
     assert len(_private_uses(sample, tmp_path)) == 4
+
+
+def _calls_to(path: Path, names: set[str]) -> list[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    return [
+        f"{path.relative_to(REPO)}:{node.lineno}: {ast.unparse(node.func)}"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and ast.unparse(node.func) in names
+    ]
+
+
+def test_urls_become_filesystems_and_ray_starts_in_one_place_each():
+    """``pipelines.common.storage`` turns URLs into filesystems and ``pipelines.common.ray`` joins or starts
+    Ray: a second way (a bare ``ray.init()`` joins whatever Ray runs on the machine) would drift."""
+    files = sorted((REPO / "pipelines").rglob("*.py"))
+    storage = [c for p in files if p.name != "storage.py" for c in _calls_to(p, {"fsspec.core.url_to_fs"})]
+    assert storage == [], "\n".join(storage)
+    starts = [c for p in files if p.parent.name != "common" for c in _calls_to(p, {"ray.init"})]
+    assert starts == [], "\n".join(starts)

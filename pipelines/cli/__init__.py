@@ -240,7 +240,7 @@ def shard(src: str, dst: str | None, address: str | None, overwrite: bool, **opt
     except ValueError as err:  # a ShardConfig check names its field: shown as the option that sets it
         field_name, sep, rest = str(err).partition(":")
         _fail(f"--{field_name.replace('_', '-')}:{rest}" if sep and field_name in options else str(err))
-    from pipelines.orchestration.workflow import init_ray
+    from pipelines.common.ray import init_ray
 
     init_ray(address)
     try:
@@ -284,7 +284,7 @@ def _train_command(recipe: str, config_path: str | None, overrides: tuple[str, .
         plan_training(cfg)  # checks the config against the shards before any cluster starts
     except (ConfigError, FileNotFoundError, ValueError) as err:
         _fail(str(err))
-    from pipelines.orchestration.workflow import init_ray
+    from pipelines.common.ray import init_ray
     from pipelines.tracking.tracking import TrackingError
 
     init_ray(address)

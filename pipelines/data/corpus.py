@@ -36,6 +36,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
+from pipelines.common.storage import filesystem
+
 # The visual vocabulary. A superclass is a (shape, background) pair, so every class in it shares both traits;
 # a class inside it is a (hue, texture) pair. No shape is a rotation of another (hence no diamond beside the square).
 SHAPES = ("circle", "square", "triangle", "cross", "star", "ring", "crescent", "bars", "chevron", "ellipse")
@@ -335,7 +337,7 @@ def _folder_name(class_name: str) -> str:
 
 def _write_chunk(spec: _SynthSpec, start: int, stop: int) -> dict[str, list]:
     """Render, encode and write images ``start..stop-1``; return only their metadata."""
-    fs, root = fsspec.core.url_to_fs(spec.dst, **spec.storage_options)
+    fs, root = filesystem(spec.dst, spec.storage_options)
     num_classes = len(spec.taxonomy.classes)
     rows: dict[str, list] = {"path": [], "key": [], "labels": [], "label_ids": [], "primary_class": [], "bytes": []}
     vocabulary = [c.name for c in spec.taxonomy.classes] + list(spec.taxonomy.superclasses)
@@ -441,7 +443,7 @@ def synth_corpus(
 
     started = time.perf_counter()
     storage_options = dict(storage_options or {})
-    fs, root = fsspec.core.url_to_fs(dst, **storage_options)
+    fs, root = filesystem(dst, storage_options)
     _prepare_root(fs, root, dst, overwrite)
     _write_json(fs, f"{root}/classes.json", taxonomy.vocabulary())
     spec = _SynthSpec(
@@ -505,7 +507,7 @@ def import_digits(
     from sklearn.model_selection import train_test_split
 
     started = time.perf_counter()
-    fs, root = fsspec.core.url_to_fs(dst, **(storage_options or {}))
+    fs, root = filesystem(dst, storage_options)
     _prepare_root(fs, root, dst, overwrite)
     _write_json(fs, f"{root}/classes.json", [{"id": d, "name": str(d), "superclass": None} for d in range(10)])
 

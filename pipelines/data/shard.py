@@ -42,12 +42,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 from fsspec.implementations.local import LocalFileSystem
 
 from pipelines.common.config import check
+from pipelines.common.ray import init_ray
+from pipelines.common.storage import filesystem, open_for_writing
 from pipelines.data.images import ImagePolicy, RejectedImage, normalize_image
 
 SourceKind = Literal["auto", "folder", "table", "tars"]
@@ -170,17 +171,6 @@ class ShardSummary:
 
 
 # ------------------------------------------------------------------------------------ helpers
-
-
-def _fs(url: str, storage_options: dict) -> tuple[fsspec.AbstractFileSystem, str]:
-    fs, path = fsspec.core.url_to_fs(url, **storage_options)
-    return fs, path.rstrip("/")
-
-
-def _open_for_writing(fs: fsspec.AbstractFileSystem, path: str, mode: str = "wb"):
-    """``fs.open`` that first creates the parent folder (needed locally, harmless on object stores)."""
-    fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    return fs.open(path, mode)
 
 
 def _key_from_path(relpath: str) -> str:
@@ -465,7 +455,7 @@ def _label_table_url(fs, root: str, cfg: ShardConfig) -> str:
         if url is None:
             raise ShardError(f"no label table in {root} (labels.parquet, labels.csv or labels.jsonl); pass labels=")
         return url
-    return _fs(cfg.labels, cfg.storage_options)[1]
+    return filesystem(cfg.labels, cfg.storage_options)[1]
 
 
 def _table_parts(fs, url: str, cfg: ShardConfig) -> list[list[int] | None]:
@@ -502,7 +492,7 @@ def _table_parts(fs, url: str, cfg: ShardConfig) -> list[list[int] | None]:
 def _index_unit(batch: pa.Table, cfg: ShardConfig, root: str, classes: list[str] | None) -> Iterator[pa.Table]:
     """Ray Data task: the index rows of one listing unit, in blocks of at most ``_INDEX_CHUNK`` rows."""
     unit, spec = int(batch.column("unit")[0].as_py()), json.loads(batch.column("spec")[0].as_py())
-    fs, _ = _fs(cfg.src, cfg.storage_options)
+    fs, _ = filesystem(cfg.src, cfg.storage_options)
     first = unit * _UNIT_ROWS
     if spec["kind"] == "table":
         for table in _table_chunks(fs, spec["path"], spec["part"], cfg):
@@ -665,7 +655,7 @@ def _as_label_names(value: Any, classes: list[str] | None) -> list[str]:
 
 def _scan_tar(path: str, root: str, cfg: ShardConfig, first: int) -> pa.Table:
     """Index one WebDataset tar: image members as byte ranges, labels from the json/cls members."""
-    fs, _ = _fs(path, cfg.storage_options)
+    fs, _ = filesystem(path, cfg.storage_options)
     samples: dict[str, dict] = {}
     order: list[str] = []
     failure = None
@@ -756,7 +746,7 @@ def _eval_hashes(urls: list[str], storage_options: dict, max_bytes: int = ImageP
     hashes: dict[int, str] = {}
     policy = ImagePolicy(min_side=1, max_bytes=max_bytes)
     for url in urls:
-        fs, root = _fs(url, storage_options)
+        fs, root = filesystem(url, storage_options)
         files = [root] if fs.isfile(root) else sorted(fs.find(root))
         files = [p for p in files if posixpath.splitext(p)[1].lower() in IMAGE_EXTENSIONS]
         if not files:
@@ -869,7 +859,7 @@ class ShardWriter:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         cfg = self.cfg
-        fs, dst = _fs(cfg.dst, cfg.storage_options)
+        fs, dst = filesystem(cfg.dst, cfg.storage_options)
         split, index = batch.column("split")[0].as_py(), int(batch.column("shard")[0].as_py())
         lo, hi = int(batch.column("lo")[0].as_py()), int(batch.column("hi")[0].as_py())
         buckets = json.loads(batch.column("buckets")[0].as_py())
@@ -880,7 +870,7 @@ class ShardWriter:
         histogram: Counter = Counter()
         written = pending_bytes = 0
         pending: list[bytes] = []
-        with _open_for_writing(fs, tmp, "wb") as raw:
+        with open_for_writing(fs, tmp, "wb") as raw:
             sink = _HashingWriter(raw)
             for row, data in self._read(fs, rows):
                 reason, detail = None, ""
@@ -937,7 +927,7 @@ class ShardWriter:
         }
         # The marker goes last: a shard without one is redone (identically) by the next run.
         marker = {"manifest": entry, "rejects": rejects}
-        with _open_for_writing(fs, f"{dst}/{WORK_DIR}/done/{split}-{index:06d}.json", "w") as f:
+        with open_for_writing(fs, f"{dst}/{WORK_DIR}/done/{split}-{index:06d}.json", "w") as f:
             json.dump(marker, f)
         return pa.table({"split": [split], "shard": [index], "samples": [written], "rejected": [len(rejects)]})
 
@@ -1073,7 +1063,7 @@ def _plan_bucket(rows: pa.Table, cfg: ShardConfig) -> pa.Table:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    fs, dst = _fs(cfg.dst, cfg.storage_options)
+    fs, dst = filesystem(cfg.dst, cfg.storage_options)
     bucket = int(rows.column("bucket")[0].as_py())
     listed_rejects = rows.filter(pc.is_valid(rows.column("reason")))
     rows = rows.filter(pc.is_null(rows.column("reason")))
@@ -1093,10 +1083,10 @@ def _plan_bucket(rows: pa.Table, cfg: ShardConfig) -> pa.Table:
     local_rank = np.arange(len(splits)) - np.repeat(starts, np.diff(np.r_[starts, len(splits)]))
     kept = kept.select(["key", "path", "offset", "length", "labels", "split", "source", "order"])
     kept = kept.append_column("local_rank", pa.array(local_rank, pa.int64()))
-    with _open_for_writing(fs, _bucket_path(dst, bucket), "wb") as f:
+    with open_for_writing(fs, _bucket_path(dst, bucket), "wb") as f:
         pq.write_table(kept, f, row_group_size=4_096)  # small row groups: readers skip by rank statistics
     if rejects:
-        with _open_for_writing(fs, f"{dst}/{WORK_DIR}/{PLAN_DIR}/rejects-{bucket:06d}.parquet", "wb") as f:
+        with open_for_writing(fs, f"{dst}/{WORK_DIR}/{PLAN_DIR}/rejects-{bucket:06d}.parquet", "wb") as f:
             pq.write_table(pa.Table.from_pylist(rejects, schema=REJECTS_SCHEMA), f)
     lengths = kept.column("length").to_numpy()
     labels = kept.column("labels")
@@ -1154,7 +1144,7 @@ def _make_plan(kind: str, src_fs, src: str, cfg: ShardConfig, classes_in: list[s
     import ray.data
     from ray.data.context import DataContext, ShuffleStrategy
 
-    dst_fs, dst = _fs(cfg.dst, cfg.storage_options)
+    dst_fs, dst = filesystem(cfg.dst, cfg.storage_options)
     if dst_fs.exists(f"{dst}/{WORK_DIR}/{PLAN_DIR}"):  # an interrupted plan: start it over
         dst_fs.rm(f"{dst}/{WORK_DIR}/{PLAN_DIR}", recursive=True)
     units = _listing_units(kind, src_fs, src, cfg)
@@ -1293,13 +1283,12 @@ def shard_corpus(cfg: ShardConfig, *, overwrite: bool = False, progress: bool = 
     ``progress`` shows a bar of shards and images written (instead of Ray Data's per-operator bars)."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(log_to_driver=False)
+    init_ray()
     if not 0.0 <= cfg.val_fraction < 1.0:
         raise ShardError(f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
     started = time.perf_counter()
-    src_fs, src = _fs(cfg.src, cfg.storage_options)
-    dst_fs, dst = _fs(cfg.dst, cfg.storage_options)
+    src_fs, src = filesystem(cfg.src, cfg.storage_options)
+    dst_fs, dst = filesystem(cfg.dst, cfg.storage_options)
     if not src_fs.exists(src):
         raise ShardError(f"source {cfg.src} does not exist")
 
@@ -1333,12 +1322,12 @@ def shard_corpus(cfg: ShardConfig, *, overwrite: bool = False, progress: bool = 
     plan = recorded.get("plan")
     header = {"fingerprint": fingerprint, "config": dataclasses.asdict(cfg) | {"storage_options": {}}}
     if plan is None:
-        with _open_for_writing(dst_fs, plan_path, "w") as f:
+        with open_for_writing(dst_fs, plan_path, "w") as f:
             json.dump(header, f)
         kind = _detect_source(src_fs, src, cfg)
         log(f"indexing {cfg.src} ({kind})")
         plan = _make_plan(kind, src_fs, src, cfg, _load_classes(src_fs, src), log)
-        with _open_for_writing(dst_fs, plan_path, "w") as f:
+        with open_for_writing(dst_fs, plan_path, "w") as f:
             json.dump(header | {"plan": plan}, f)
     done = _done_shards(dst_fs, dst)
     work = _shard_work(plan, done)
@@ -1490,7 +1479,7 @@ def _finish(fs, dst: str, cfg: ShardConfig, plan: dict, fingerprint: str, starte
 
     manifest_rows = []
     rejected_by_reason: Counter = Counter()
-    with _open_for_writing(fs, f"{dst}/{REJECTS_FILE}", "wb") as f, pq.ParquetWriter(f, REJECTS_SCHEMA) as rejects:
+    with open_for_writing(fs, f"{dst}/{REJECTS_FILE}", "wb") as f, pq.ParquetWriter(f, REJECTS_SCHEMA) as rejects:
 
         def add_rejects(table: pa.Table) -> None:
             rejected_by_reason.update(table.column("reason").to_pylist())
@@ -1509,9 +1498,9 @@ def _finish(fs, dst: str, cfg: ShardConfig, plan: dict, fingerprint: str, starte
     written = sum(r["samples"] for r in manifest_rows)
     if written + rejected != plan["read"]:
         raise RuntimeError(f"counts do not balance: read {plan['read']} != written {written} + rejected {rejected}")
-    with _open_for_writing(fs, f"{dst}/{MANIFEST_FILE}", "wb") as f:
+    with open_for_writing(fs, f"{dst}/{MANIFEST_FILE}", "wb") as f:
         pq.write_table(pa.Table.from_pylist(manifest_rows, schema=MANIFEST_SCHEMA), f)
-    with _open_for_writing(fs, f"{dst}/{CLASSES_FILE}", "w") as f:
+    with open_for_writing(fs, f"{dst}/{CLASSES_FILE}", "w") as f:
         json.dump([{"id": i, "name": n} for i, n in enumerate(plan["classes"])], f, indent=0)
     splits_info = {}
     for split in sorted(plan["num_shards"]):
@@ -1529,7 +1518,7 @@ def _finish(fs, dst: str, cfg: ShardConfig, plan: dict, fingerprint: str, starte
         "multi_label": not plan["single_label"],
         "splits": splits_info,
     }
-    with _open_for_writing(fs, f"{dst}/{INFO_FILE}", "w") as f:
+    with open_for_writing(fs, f"{dst}/{INFO_FILE}", "w") as f:
         json.dump(info, f, indent=1)
     summary = ShardSummary(
         dst=cfg.dst,
@@ -1544,7 +1533,7 @@ def _finish(fs, dst: str, cfg: ShardConfig, plan: dict, fingerprint: str, starte
         splits={s: v["num_samples"] for s, v in splits_info.items()},
     )
     # summary.json is written last: its presence with this fingerprint means "finished".
-    with _open_for_writing(fs, f"{dst}/{SUMMARY_FILE}", "w") as f:
+    with open_for_writing(fs, f"{dst}/{SUMMARY_FILE}", "w") as f:
         json.dump({"fingerprint": fingerprint, "summary": dataclasses.asdict(summary)}, f, indent=1)
     fs.rm(f"{dst}/{WORK_DIR}", recursive=True)  # markers served their purpose: summary.json says "done"
     return summary
@@ -1557,7 +1546,7 @@ def verify_shards(dst_url: str, storage_options: dict | None = None, workers: in
     """Recheck every shard against the manifest: sha256, size, sample count. Returns the problems."""
     import pyarrow.parquet as pq
 
-    fs, dst = _fs(dst_url, storage_options or {})
+    fs, dst = filesystem(dst_url, storage_options or {})
     if not fs.exists(f"{dst}/{MANIFEST_FILE}"):
         return [f"no {MANIFEST_FILE} in {dst_url}"]
     with fs.open(f"{dst}/{MANIFEST_FILE}", "rb") as f:

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipelines.common.storage import filesystem
 from vit.data import ImageTransform, encode_labels, sample_rng
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ class ShardSet:
 
 
 def read_info(root: str, storage_options: dict | None = None) -> dict:
-    fs, path = fsspec.core.url_to_fs(root, **(storage_options or {}))
+    fs, path = filesystem(root, storage_options)
     info_path = posixpath.join(path, "_info.json")
     try:
         return json.loads(fs.cat_file(info_path))
@@ -92,7 +93,7 @@ def read_info(root: str, storage_options: dict | None = None) -> dict:
 
 def read_classes(root: str, storage_options: dict | None = None) -> list[str]:
     """The class names of a `vit shard` output, in label-id order (ids as names when it has none)."""
-    fs, path = fsspec.core.url_to_fs(root, **(storage_options or {}))
+    fs, path = filesystem(root, storage_options)
     try:
         entries = json.loads(fs.cat_file(posixpath.join(path, "classes.json")))
     except FileNotFoundError:

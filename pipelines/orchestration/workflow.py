@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import fsspec
-
 from pipelines.common.config import ConfigError, check, to_dict
+from pipelines.common.ray import init_ray
+from pipelines.common.storage import filesystem
 from pipelines.evaluation.evaluate import EvaluateConfig, run_evaluation
 from pipelines.tracking.tracking import Tracker, TrackingConfig
 from pipelines.training.config import FinetuneConfig, PretrainConfig
@@ -162,43 +162,11 @@ def _check(cfg: PipelineConfig) -> None:
         raise ConfigError("register.model_name: the registered model needs a name")
 
 
-def init_ray(address: str | None = None) -> None:
-    """Join ``address``, or ``RAY_ADDRESS`` (set inside a Ray Job), else start a Ray of our own: never one that
-    happens to run on this machine, which a bare ``ray.init()`` would join. More logical CPUs than cores: a
-    job's operators reserve CPUs and must not starve each other.
-
-    The terminal gets what our commands print (their lines and bars, training progress through
-    ``pipelines.training.progress``), not Ray's own: the actors' output stays in Ray's log files
-    (``log_to_driver=False``), and so does Ray Data's per-dataset plan and progress, which it prints at INFO."""
-    import logging
-
-    import ray
-    import ray.data  # configures its loggers when imported: quieted below, after that
-
-    for handler in logging.getLogger("ray.data").handlers:
-        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-            handler.setLevel(max(handler.level, logging.WARNING))
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
-    else:
-        cpus = max(4, os.cpu_count() or 1)
-        ray.init(
-            address="local",
-            num_cpus=cpus,
-            include_dashboard=False,
-            log_to_driver=False,
-            logging_level=logging.WARNING,
-        )
-
-
 class _Runner:
     def __init__(self, cfg: PipelineConfig, *, forced: set[str], only: str | None, log: Callable[[str], None]):
         self.cfg, self.forced, self.only, self.log = cfg, forced, only, log
         self.workdir = cfg.workdir if "://" in cfg.workdir else str(Path(cfg.workdir).resolve())
-        self.fs, self.root = fsspec.core.url_to_fs(self.workdir, **cfg.storage_options)
+        self.fs, self.root = filesystem(self.workdir, cfg.storage_options)
         self.tracker = Tracker.open(cfg.tracking)
         self.outputs: dict[str, dict] = {}
         self.ran: list[str] = []
@@ -343,7 +311,7 @@ class _Runner:
             if location:
                 which = key.removeprefix("shards_")
                 options = self.cfg.storage_options if key == "run_dir" else self._data_options(which)
-                fs, path = fsspec.core.url_to_fs(location, **options)
+                fs, path = filesystem(location, options)
                 if not fs.exists(path):
                     return False
         return True

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pipelines.common.redaction import redact
+from pipelines.common.storage import filesystem
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -427,9 +428,7 @@ def dataset_fingerprint(shards: str, storage_options: dict | None = None) -> str
     import hashlib
     import posixpath
 
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(shards, **(storage_options or {}))
+    fs, root = filesystem(shards, storage_options)
     digest = hashlib.sha256(fs.cat_file(posixpath.join(root, "_info.json")))
     summary = posixpath.join(root, "summary.json")
     if fs.exists(summary):

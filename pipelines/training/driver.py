@@ -17,9 +17,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import fsspec
-
 from pipelines.common.config import ConfigError, to_dict
+from pipelines.common.storage import filesystem
 from pipelines.data.stream import open_shards, read_info
 from pipelines.tracking.tracking import LiveTarget, Tracker
 from pipelines.training.config import TrainConfig, check_warmup
@@ -264,7 +263,7 @@ def _finish_tracked_run(tracker: Tracker, cfg: TrainConfig, result: TrainResult,
 
 def step_records(checkpoint: str, cfg: TrainConfig) -> list[dict]:
     """Every step's own loss, learning rate and gradient norm up to ``checkpoint``, as history records."""
-    fs, path = fsspec.core.url_to_fs(posixpath.join(checkpoint, STEPS_FILE), **cfg.storage_options)
+    fs, path = filesystem(posixpath.join(checkpoint, STEPS_FILE), cfg.storage_options)
     try:
         lines = fs.cat_file(path).decode().splitlines()
     except FileNotFoundError:
@@ -292,5 +291,5 @@ def _storage(cfg: TrainConfig):
         return cfg.storage_path, None  # pyarrow resolves s3:// itself (AWS_* variables)
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-    fs, path = fsspec.core.url_to_fs(cfg.storage_path, **cfg.storage_options)
+    fs, path = filesystem(cfg.storage_path, cfg.storage_options)
     return path, PyFileSystem(FSSpecHandler(fs))

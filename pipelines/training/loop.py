@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -30,6 +29,7 @@ from torch import nn
 import vit
 from pipelines.common.config import from_dict
 from pipelines.common.redaction import redact
+from pipelines.common.storage import filesystem
 from pipelines.data.stream import ShardsError, ShardSet, StreamSpec, make_loader, open_shards
 from pipelines.tracking.tracking import LiveMetrics, LiveTarget, metrics_of
 from pipelines.training.config import CONFIGS, TrainConfig
@@ -426,7 +426,7 @@ class _Loop:
         if self.world > 1:
             dist.barrier()
         if self.rank == 0:
-            fs, path = fsspec.core.url_to_fs(self.plan.run_dir, **self.cfg.storage_options)
+            fs, path = filesystem(self.plan.run_dir, self.cfg.storage_options)
             fs.pipe_file(posixpath.join(path, name, COMMITTED_FILE), str(self.step).encode())
 
     @contextlib.contextmanager
@@ -438,7 +438,7 @@ class _Loop:
         registered_step = checkpoint_step(registered.path) if registered is not None else -1
         committed = latest_committed_checkpoint(self.plan.run_dir, self.cfg.storage_options)
         if committed is not None and checkpoint_step(committed) > registered_step:
-            fs, path = fsspec.core.url_to_fs(committed, **self.cfg.storage_options)
+            fs, path = filesystem(committed, self.cfg.storage_options)
             if "file" in fs.protocol:
                 yield Path(path)
                 return

@@ -8,10 +8,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import fsspec
-
 import vit
 from pipelines.common.config import ConfigError
+from pipelines.common.storage import filesystem
 from pipelines.training.config import TrainConfig
 from vit.model import VisionTransformer
 
@@ -74,7 +73,7 @@ def checkpoint_step(path: str) -> int:
 
 def latest_committed_checkpoint(run_dir: str, storage_options: dict | None = None) -> str | None:
     """The newest checkpoint of a run whose every part reached storage, as a path or URL."""
-    fs, path = fsspec.core.url_to_fs(run_dir, **(storage_options or {}))
+    fs, path = filesystem(run_dir, storage_options)
     try:
         names = [posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)]
     except FileNotFoundError:
@@ -87,7 +86,7 @@ def latest_committed_checkpoint(run_dir: str, storage_options: dict | None = Non
 
 def resolve_weights(location: str, storage_options: dict | None = None) -> str:
     """A weights file from a file, a checkpoint folder (its model.safetensors) or a run (its latest checkpoint)."""
-    fs, path = fsspec.core.url_to_fs(location, **(storage_options or {}))
+    fs, path = filesystem(location, storage_options)
     if fs.isfile(path):
         return location
     if fs.isfile(posixpath.join(path, MODEL_FILE)):
@@ -100,7 +99,7 @@ def resolve_weights(location: str, storage_options: dict | None = None) -> str:
 
 def local_weights(location: str, storage_options: dict | None = None) -> str:
     """A local path of ``location``, downloading remote files into a temporary folder."""
-    fs, path = fsspec.core.url_to_fs(location, **(storage_options or {}))
+    fs, path = filesystem(location, storage_options)
     if "file" in fs.protocol:
         return path
     target = Path(tempfile.mkdtemp(prefix="vit-weights-")) / posixpath.basename(path)
