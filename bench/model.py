@@ -79,21 +79,18 @@ import importlib.metadata
 import json
 import os
 import platform
-import resource
 import statistics
-import subprocess
 import sys
+import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import harness
+from harness import MIB, cpu_name, current_rss, emit, max_rss, memory_worker_env, reset_rss_high_water
 
-RESULT_PREFIX = "@@BENCH_RESULT@@ "
 IMPLS = ("ours", "hf")
 MODES = ("infer", "train")
-MIB = 2**20
 # Dense (no sparsity) bf16 tensor-core peaks, FLOP/s; the first substring found in the device name wins.
 PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
     ("H200", 989e12),
@@ -210,36 +207,6 @@ def _autocast_dtype(spec: dict, torch):
     return torch.bfloat16 if spec["dtype"] == "bfloat16" else None
 
 
-def cpu_name() -> str:
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def current_rss() -> int:
-    """Resident set size of this process in bytes (Linux)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def max_rss() -> int:
-    """getrusage high-water RSS in bytes (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
-def reset_rss_high_water() -> bool:
-    """Reset the kernel's peak-RSS counter (Linux >= 4.0), so ru_maxrss only covers what follows."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def worker_time(spec: dict) -> dict:
     """Both models in one process, stepped alternately, for each run (mode, batch) of ``spec["runs"]``."""
     torch = _import_torch(spec["threads"])
@@ -341,60 +308,23 @@ def worker_mem(spec: dict) -> dict:
 def worker_main(spec_json: str) -> None:
     spec = json.loads(spec_json)
     result = worker_time(spec) if spec["kind"] == "time" else worker_mem(spec)
-    print(RESULT_PREFIX + json.dumps(result), flush=True)
+    emit(result)
 
 
 # ---------------------------------------------------------------------------------------------- parent side
-def _worker_cmd(spec: dict) -> list[str]:
-    return [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
-
-
-def _worker_result(proc_stdout: str, proc_stderr: str, returncode: int, label: str) -> dict:
-    for line in reversed(proc_stdout.splitlines()):
-        if line.startswith(RESULT_PREFIX):
-            return json.loads(line[len(RESULT_PREFIX) :])
-    tail = "\n".join((proc_stdout + proc_stderr).splitlines()[-30:])
-    raise RuntimeError(f"worker {label} failed (exit {returncode}):\n{tail}")
-
-
-def run_worker(spec: dict, label: str) -> dict:
-    """One worker process, alone on the machine (timing)."""
-    print(f"  {label} ...", end="", file=sys.stderr, flush=True)
-    t0 = time.perf_counter()
-    proc = subprocess.run(_worker_cmd(spec), capture_output=True, text=True, cwd=REPO)
-    print(f" {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
-    return _worker_result(proc.stdout, proc.stderr, proc.returncode, label)
-
-
-def memory_worker_env() -> dict[str, str]:
-    """Fixed glibc mmap threshold: each allocation >= 128 KiB gets its own mapping, unmapped on free.
-
-    That disables glibc's dynamic threshold, whose caching decisions otherwise move the peak RSS of the same
-    step by tens of MB from run to run; with it, RSS follows the live tensors and repeats to < 1 MB.
-    An explicit GLIBC_TUNABLES in the environment wins.
-    """
-    env = dict(os.environ)
-    env.setdefault("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=131072")
-    return env
+def run_worker(spec: dict, label: str, env: dict[str, str] | None = None) -> dict:
+    """One worker process measuring ``spec``; its output in a log file kept for a failure's message."""
+    print(f"  {label} ...", file=sys.stderr, flush=True)
+    log = Path(tempfile.gettempdir()) / "vit-bench-model" / f"{label.replace('/', '_').replace(' ', '-')}.log"
+    result = harness.run_worker([__file__, "--worker", json.dumps(spec)], log=log, env=env)
+    print(f"  {label}: {result['job_seconds']:.1f} s", file=sys.stderr, flush=True)
+    return result
 
 
 def run_workers_parallel(jobs: list[tuple[dict, str]], max_parallel: int, env: dict[str, str]) -> list[dict]:
     """Several worker processes, at most ``max_parallel`` at a time (memory: speed does not matter)."""
-    results: list[dict | None] = [None] * len(jobs)
-    pending = list(enumerate(jobs))
-    running: list[tuple[int, str, float, subprocess.Popen]] = []
-    while pending or running:
-        while pending and len(running) < max_parallel:
-            index, (spec, label) = pending.pop(0)
-            proc = subprocess.Popen(
-                _worker_cmd(spec), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env
-            )
-            running.append((index, label, time.perf_counter(), proc))
-        index, label, t0, proc = running.pop(0)
-        stdout, stderr = proc.communicate()
-        print(f"  {label}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
-        results[index] = _worker_result(stdout, stderr, proc.returncode, label)
-    return results
+    with ThreadPoolExecutor(max_parallel) as pool:
+        return list(pool.map(lambda job: run_worker(*job, env=env), jobs))
 
 
 def peak_flops_for(device_name: str) -> float | None:
@@ -439,11 +369,7 @@ def print_table(rows: list[dict], show_cpu: bool) -> None:
         )[: len(header) if show_cpu else len(header) - 1]
         for r in rows
     ]
-    header = header[: len(lines[0])]
-    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
-    left = {0, 1}
-    for line in [header, *lines]:
-        print("  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
+    harness.print_table(header[: len(lines[0])], lines, left=2)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -35,91 +35,14 @@ every 100 ms), from the kernel's per-process totals:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import subprocess
-import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-
-def _rollup(pid: int) -> dict[str, int]:
-    """The kernel's memory totals of one process, in bytes (``/proc/PID/smaps_rollup``: one read, where
-    psutil's full smaps walk costs milliseconds per process)."""
-    fields = {}
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        for line in f:
-            name, _, value = line.partition(":")
-            if value.strip().endswith("kB"):
-                fields[name] = int(value.split()[0]) << 10
-    return fields
-
-
-def tree_memory(pid: int) -> dict[str, int]:
-    """Memory of ``pid`` and its descendants (Ray's processes), as PSS, which counts a shared page once
-    in a sum rather than once per process that maps it:
-
-    * ``all``: PSS of every process; ``processes``: how many;
-    * ``worker``: the largest private memory (anonymous + file-backed PSS: heap, stacks, libraries) of
-      one process other than ``pid``: what grows if a task holds the corpus;
-    * ``store``: the shared-memory pages of all processes, which are Ray's object store (capped by
-      ``--object-store-mb``, spilling to disk beyond).
-    """
-    import psutil
-
-    try:
-        procs = [pid, *(p.pid for p in psutil.Process(pid).children(recursive=True))]
-    except psutil.NoSuchProcess:
-        return {"all": 0, "worker": 0, "store": 0, "processes": 0}
-    total = worker = store = count = 0
-    for p in procs:
-        with contextlib.suppress(OSError):
-            rollup = _rollup(p)
-            total, count = total + rollup["Pss"], count + 1
-            store += rollup.get("Pss_Shmem", 0)
-            if p != pid:
-                worker = max(worker, rollup.get("Pss_Anon", 0) + rollup.get("Pss_File", 0))
-    return {"all": total, "worker": worker, "store": store, "processes": count}
-
-
-def run_measured(args: list[str]) -> dict:
-    """Run ``bench/shard.py --worker ...`` in a subprocess; its JSON result plus its peak memory."""
-    import psutil
-
-    proc = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True)
-    peaks = {"all": 0, "worker": 0, "store": 0, "processes": 0, "driver": 0}
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            for name, value in tree_memory(proc.pid).items():
-                peaks[name] = max(peaks[name], value)
-            for _ in range(10):  # the driver's RSS ten times as often: it is one cheap read
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    peaks["driver"] = max(peaks["driver"], psutil.Process(proc.pid).memory_info().rss)
-                if stop.wait(0.1):
-                    break
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    out, _ = proc.communicate()
-    stop.set()
-    sampler.join()
-    if proc.returncode != 0:
-        raise RuntimeError(f"worker {args} failed with exit code {proc.returncode}")
-    result = json.loads(out.strip().splitlines()[-1])
-    result["peak_pss_mb"] = peaks["all"] / 2**20
-    result["driver_peak_rss_mb"] = peaks["driver"] / 2**20
-    result["worker_peak_private_mb"] = peaks["worker"] / 2**20
-    result["store_peak_mb"] = peaks["store"] / 2**20
-    result["processes"] = peaks["processes"]
-    return result
+from harness import emit, run_worker
 
 
 def corpus_bytes(corpus: Path) -> int:
@@ -268,7 +191,7 @@ def main() -> None:
         out_path = Path(out)
         out_path.mkdir(parents=True, exist_ok=True)
         result = fn[kind](Path(corpus)) if kind in ("decode", "check") else fn[kind](Path(corpus), out_path)
-        print(json.dumps(result))
+        emit(result)
         return
 
     import shutil
@@ -285,7 +208,8 @@ def main() -> None:
                 out = args.workdir / f"out-{kind}-{n}"
                 shutil.rmtree(out, ignore_errors=True)
                 print(f"round {round_ + 1}/{args.repeats}: {kind:>8} on {n:,} images ...", flush=True)
-                result = run_measured(["--worker", kind, str(corpora[n]), str(out)])
+                job = [__file__, "--worker", kind, str(corpora[n]), str(out)]
+                result = run_worker(job, log=args.workdir / "logs" / f"{kind}-{n}.log", sample_memory=True)
                 runs.setdefault((kind, n), []).append(result | {"kind": kind, "size": n})
                 shutil.rmtree(out, ignore_errors=True)
     rows = []

@@ -55,157 +55,22 @@ side in time suffer less, but read them with the ranges.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
 import os
-import resource
 import shutil
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from harness import CpuWindow, emit, median, run_worker, spread
 
-RESULT_PREFIX = "@@BENCH_RESULT@@ "
 IMAGE_SIZE = 224
 MODEL = "Ti/16"
 LOADER_TARGET = 0.90
 OVERHEAD_TARGET = 0.05
-
-
-# ---------------------------------------------------------------------------------------------- CPU accounting
-
-
-def machine_busy_seconds() -> float:
-    """CPU seconds the whole machine has spent busy (not idle, not iowait) since boot, over all cores."""
-    with open("/proc/stat") as f:
-        fields = [int(v) for v in f.readline().split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-def _live_cpu(pid: int, *, include_root: bool) -> dict[tuple[int, float], float]:
-    """CPU seconds of each live process under ``pid`` (and of ``pid`` itself with include_root)."""
-    import psutil
-
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)] if include_root else root.children(recursive=True)
-    except psutil.NoSuchProcess:
-        return {}
-    cpu = {}
-    for p in procs:
-        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-            t = p.cpu_times()
-            cpu[(p.pid, p.create_time())] = t.user + t.system
-    return cpu
-
-
-def _rusage_seconds(who: int) -> float:
-    usage = resource.getrusage(who)
-    return usage.ru_utime + usage.ru_stime
-
-
-class CpuWindow:
-    """Cores busy with other processes than ours over a stretch of wall time, in this process.
-
-    Ours: this process, plus either its reaped children (getrusage) and its live descendants at the end, or with
-    ``poll`` the last CPU time seen of every descendant, sampled every 0.25 s (for Ray, whose workers exit without
-    this process reaping them). A descendant that exits unseen is missed, so the figure errs high, never low.
-    """
-
-    def __init__(self, poll: bool = False):
-        self.wall0, self.busy0 = time.perf_counter(), machine_busy_seconds()
-        self.self0 = _rusage_seconds(resource.RUSAGE_SELF)
-        self.reaped0 = _rusage_seconds(resource.RUSAGE_CHILDREN)
-        self.live0 = _live_cpu(os.getpid(), include_root=False)
-        self.seen = dict(self.live0)
-        self.stop = threading.Event()
-        self.poller = None
-        if poll:
-            self.poller = threading.Thread(target=self._poll, daemon=True)
-            self.poller.start()
-
-    def _poll(self) -> None:
-        while not self.stop.wait(0.25):
-            self.seen.update(_live_cpu(os.getpid(), include_root=False))
-
-    def other_cores(self) -> float:
-        ours = _rusage_seconds(resource.RUSAGE_SELF) - self.self0
-        if self.poller is not None:
-            self.stop.set()
-            self.poller.join()
-            self.seen.update(_live_cpu(os.getpid(), include_root=False))
-            ours += sum(self.seen.values()) - sum(self.live0.values())
-        else:
-            ours += _rusage_seconds(resource.RUSAGE_CHILDREN) - self.reaped0
-            ours += sum(_live_cpu(os.getpid(), include_root=False).values()) - sum(self.live0.values())
-        wall = max(time.perf_counter() - self.wall0, 1e-9)
-        return max(0.0, (machine_busy_seconds() - self.busy0 - ours) / wall)
-
-
-def run_measured(args: list[str], timeout: float, log: Path, env: dict | None = None) -> dict:
-    """Run ``bench/train.py --worker ...`` in a subprocess, its output going to ``log``; its result, or
-    {"error": ...} on failure or timeout (the log's tail is printed then)."""
-    started = time.perf_counter()
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as out:  # a file, not a pipe: processes left behind cannot block the read
-        proc = subprocess.Popen(
-            [sys.executable, __file__, *args],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env={**os.environ, **(env or {})},
-            start_new_session=True,  # its own process group: a timeout ends it and everything it started
-        )
-        wall0, busy0, reaped0 = time.perf_counter(), machine_busy_seconds(), _rusage_seconds(resource.RUSAGE_CHILDREN)
-        seen: dict[tuple[int, float], float] = {}
-        stop = threading.Event()
-
-        def sample() -> None:
-            # the last CPU time seen of every process of the job, Ray's daemons included (they are not all reaped
-            # by the job's processes, so getrusage alone can miss them)
-            while not stop.wait(0.25):
-                seen.update(_live_cpu(proc.pid, include_root=True))
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        try:
-            proc.wait(timeout=timeout)
-            error = None if proc.returncode == 0 else f"exit code {proc.returncode}"
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            error = f"timed out after {timeout:.0f} s"
-        stop.set()
-        sampler.join()
-    ours = max(sum(seen.values()), _rusage_seconds(resource.RUSAGE_CHILDREN) - reaped0)
-    other = max(0.0, (machine_busy_seconds() - busy0 - ours) / (time.perf_counter() - wall0))
-    text = log.read_text(errors="replace").splitlines()
-    lines = [line for line in text if line.startswith(RESULT_PREFIX)]
-    result = json.loads(lines[-1][len(RESULT_PREFIX) :]) if lines else {}
-    if not error and not lines:
-        error = "no result printed"
-    if error:
-        result["error"] = error
-        tail = "\n".join("    " + line for line in text[-15:])
-        print(f"  {args[1]} failed ({error}); the end of {log}:\n{tail}", flush=True)
-    result["job_other_cores"] = other
-    result["job_seconds"] = time.perf_counter() - started
-    return result
-
-
-def emit(result: dict) -> None:
-    print(RESULT_PREFIX + json.dumps(result), flush=True)
 
 
 # ---------------------------------------------------------------------------------------------- data workers
@@ -523,7 +388,12 @@ def ensure_shards(workdir: Path, images: int, image_size: int, classes: int, sha
     if not (shards / "_info.json").exists():
         print(f"sharding it into {shards} ...", flush=True)
         opts = json.dumps({"dst": str(shards), "n": shard_samples})
-        result = run_measured(["--worker", "shard", str(corpus), opts], 900, workdir / "logs" / "shard.log")
+        result = run_worker(
+            [__file__, "--worker", "shard", str(corpus), opts],
+            timeout=900,
+            log=workdir / "logs" / "shard.log",
+            raise_on_error=False,
+        )
         if "error" in result:
             raise RuntimeError(f"sharding failed: {result['error']}")
     return shards
@@ -611,12 +481,19 @@ def main() -> None:
     rounds = []
     for r in range(args.rounds):
         print(f"round {r + 1}/{args.rounds}: ceilings and make_loader ...", flush=True)
-        data = run_measured(["--worker", "data", str(shards), json.dumps(data_opts)], 900, logs / f"data-{r}.log")
+        data = run_worker(
+            [__file__, "--worker", "data", str(shards), json.dumps(data_opts)],
+            timeout=900,
+            log=logs / f"data-{r}.log",
+            raise_on_error=False,
+        )
         ray_data = None
         if not args.no_ray_data:
             print(f"round {r + 1}/{args.rounds}: Ray Data ...", flush=True)
             job = ["--worker", "raydata", str(shards), json.dumps(data_opts)]
-            ray_data = run_measured(job, args.timeout, logs / f"raydata-{r}.log")
+            ray_data = run_worker(
+                [__file__, *job], timeout=args.timeout, log=logs / f"raydata-{r}.log", raise_on_error=False
+            )
         rounds.append({"data": data, "ray_data": ray_data})
 
     # ---- training: plain, run_training(1 worker), plain again (ABA), then the other worker counts
@@ -635,7 +512,9 @@ def main() -> None:
             env = {"OMP_NUM_THREADS": "1"} if kind == "plain" else None
             opts = json.dumps({**train_opts, "workers": workers})
             log = logs / f"{kind}-{workers}-{len(train)}.log"
-            result = run_measured(["--worker", kind, str(shards), opts], 1200, log, env=env)
+            result = run_worker(
+                [__file__, "--worker", kind, str(shards), opts], timeout=1200, log=log, env=env, raise_on_error=False
+            )
             train.append({"kind": kind, "workers": workers, **result})
 
     wall = time.perf_counter() - started
@@ -656,18 +535,6 @@ def _round_ceiling(data: dict) -> float | None:
 
 def _ratios(values: list[float], references: list[float]) -> list[float]:
     return [v / r for v, r in zip(values, references)]
-
-
-def _median(values: list[float]) -> float | None:
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
-
-
-def _spread(values: list[float]) -> str:
-    values = [v for v in values if v is not None]
-    if len(values) < 2:
-        return ""
-    return f"{min(values):.0%}-{max(values):.0%}"
 
 
 def report(args, rounds: list[dict], train: list[dict], cores: int) -> dict:
@@ -712,15 +579,15 @@ def report(args, rounds: list[dict], train: list[dict], cores: int) -> dict:
         ]
         for name, rates, reference, ratios, target, other in rows:
             print(
-                f"{name:<46}{_median(rates):>10,.0f}{reference:>9}{_median(ratios):>8.1%}{_spread(ratios):>11}"
-                f"{target:>8}{_median([d[other] for d in good]):>11.2f}"
+                f"{name:<46}{median(rates):>10,.0f}{reference:>9}{median(ratios):>8.1%}{spread(ratios):>11}"
+                f"{target:>8}{median([d[other] for d in good]):>11.2f}"
             )
-        summary["ceiling_1proc_x"] = _median(single)
-        summary["ceiling_parallel"] = _median(parallel)
-        summary["loader"] = _median(loader)
-        summary["loader_vs_ceiling"] = _median([x / p for x, p in zip(loader, parallel)])
-        summary["loader_vs_upper_bound"] = _median([x / s for x, s in zip(loader, single)])
-        summary["inproc_loader_vs_1proc"] = _median([d["inproc"] / d["ceiling_single"] for d in good])
+        summary["ceiling_1proc_x"] = median(single)
+        summary["ceiling_parallel"] = median(parallel)
+        summary["loader"] = median(loader)
+        summary["loader_vs_ceiling"] = median([x / p for x, p in zip(loader, parallel)])
+        summary["loader_vs_upper_bound"] = median([x / s for x, s in zip(loader, single)])
+        summary["inproc_loader_vs_1proc"] = median([d["inproc"] / d["ceiling_single"] for d in good])
     if not args.no_ray_data:
         # Ray Data against the median P-process ceiling of its own round
         pairs = [(_round_ceiling(r["data"]), r["ray_data"]) for r in rounds]
@@ -731,11 +598,11 @@ def report(args, rounds: list[dict], train: list[dict], cores: int) -> dict:
             ratios = [rd["ray_data"] / c for c, rd in ok]
             others = [rd["ray_data_other"] for _, rd in ok]
             print(
-                f"{name:<46}{_median(rates):>10,.0f}{f'{procs} procs':>9}{_median(ratios):>8.1%}{_spread(ratios):>11}"
-                f"{'record':>8}{_median(others):>11.2f}"
+                f"{name:<46}{median(rates):>10,.0f}{f'{procs} procs':>9}{median(ratios):>8.1%}{spread(ratios):>11}"
+                f"{'record':>8}{median(others):>11.2f}"
             )
-            summary["ray_data"] = _median(rates)
-            summary["ray_data_vs_ceiling"] = _median(ratios)
+            summary["ray_data"] = median(rates)
+            summary["ray_data_vs_ceiling"] = median(ratios)
         for _, rd in pairs:
             if "error" in rd:
                 print(f"{name:<46}  failed: {rd['error']}")
@@ -772,10 +639,10 @@ def report(args, rounds: list[dict], train: list[dict], cores: int) -> dict:
         if "error" in t:
             print(f"{name:<40}  failed: {t['error']}")
             continue
-        median = statistics.median(t["windows"])
+        window_median = statistics.median(t["windows"])
         ratio = t["per_worker"] / reference if reference else None
-        ratio_med = median / reference_med if reference_med else None
-        windows = f"{min(t['windows']):.1f}/{median:.1f}/{max(t['windows']):.1f}"
+        ratio_med = window_median / reference_med if reference_med else None
+        windows = f"{min(t['windows']):.1f}/{window_median:.1f}/{max(t['windows']):.1f}"
         print(
             f"{name:<40}{t['per_worker']:>13.2f}{ratio_text(ratio):>10}{windows:>21}{ratio_text(ratio_med):>14}"
             f"{target:>10}{t['data_wait']:>11.1%}{t['other']:>11.2f}"

@@ -26,19 +26,17 @@ from vit.evaluate import fewshot_accuracy, topk_hits
 
 
 @dataclass(kw_only=True)
-class EvaluateConfig:
-    model: str = ""  # weights: a run, a checkpoint folder or a file (ours; .npz/timm/HF need `model_name`)
-    shards: str = ""  # the downstream set, as `vit shard` output
+class EvaluationSettings:
+    """How a model is scored: the same settings for `vit evaluate` and the pipeline's evaluate step."""
+
     split: str = "test"  # scored for top-1/top-5 and as the few-shot test set
     fewshot_split: str | None = "train"  # the labelled pool the k-shot examples come from; null: no few-shot
     shots: list[int] = field(default_factory=lambda: [1, 5, 10, 25])
     fewshot_val_per_class: int = 10  # extra pool examples per class that choose the ridge penalty
     image_size: int | None = None  # default: the model's own resolution
-    resize_size: int | None = None  # resize before the central crop; default image_size * 8/7
+    resize_size: int | None = None  # resize before the central crop; default: as fine-tuned, else image_size * 8/7
     batch_size: int = 128
-    loader_workers: int = 2
-    storage_options: dict = field(default_factory=dict)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    loader_workers: int = 2  # decoding processes (0: decode in the evaluating process)
 
     def __post_init__(self) -> None:
         check(self.batch_size >= 1, f"batch_size: must be at least 1, got {self.batch_size}")
@@ -48,6 +46,19 @@ class EvaluateConfig:
             self.fewshot_val_per_class >= 0,
             f"fewshot_val_per_class: must not be negative, got {self.fewshot_val_per_class}",
         )
+        for name in ("image_size", "resize_size"):
+            value = getattr(self, name)
+            check(value is None or value >= 1, f"{name}: must be at least 1 (or unset), got {value}")
+
+
+@dataclass(kw_only=True)
+class EvaluateConfig(EvaluationSettings):
+    """`vit evaluate`: the settings, plus which model on which shards."""
+
+    model: str = ""  # weights: a run, a checkpoint folder or a file (ours; .npz/timm/HF need `model_name`)
+    shards: str = ""  # the downstream set, as `vit shard` output
+    storage_options: dict = field(default_factory=dict)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 MAX_CONFUSION_CLASSES = 1000  # a confusion matrix of JFT's 18k classes would be 2.6 GB of counts

@@ -32,7 +32,8 @@ from typing import Any, Literal
 from pipelines.common.config import ConfigError, check, to_dict
 from pipelines.common.ray import init_ray
 from pipelines.common.storage import filesystem
-from pipelines.evaluation.evaluate import EvaluateConfig, run_evaluation
+from pipelines.data.shard import ShardConfig
+from pipelines.evaluation.evaluate import EvaluateConfig, EvaluationSettings, run_evaluation
 from pipelines.tracking.tracking import Tracker, TrackingConfig
 from pipelines.training.config import FinetuneConfig, PretrainConfig
 from pipelines.training.driver import run_training
@@ -72,27 +73,23 @@ class DatasetConfig:
 
     source: str = ""  # a corpus `vit shard` reads (path or URL); "synth" or "digits": made by the pipeline
     shards: str = ""  # default: {workdir}/shards/{pretrain|finetune}
-    shard_samples: int = 10_000
-    val_fraction: float = 0.0  # held-out share when the corpus has no split column
+    shard_samples: int = ShardConfig.shard_samples  # the defaults and checks of `vit shard`'s own settings
+    val_fraction: float = ShardConfig.val_fraction  # held-out share when the corpus has no split column
     synth: SynthCorpusConfig = field(default_factory=SynthCorpusConfig)  # when source is "synth"
     storage_options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        check(self.shard_samples >= 1, f"shard_samples: must be at least 1, got {self.shard_samples}")
-        check(0.0 <= self.val_fraction < 1.0, f"val_fraction: must be in [0, 1), got {self.val_fraction}")
+        self.shard_config(src="", dst="")  # raises what `vit shard` would say of these settings
 
-
-@dataclass(kw_only=True)
-class EvaluateStepConfig:
-    split: str = "test"
-    shots: list[int] = field(default_factory=lambda: [1, 5, 10, 25])
-    batch_size: int = 128
-    loader_workers: int = 0
-
-    def __post_init__(self) -> None:
-        check(self.batch_size >= 1, f"batch_size: must be at least 1, got {self.batch_size}")
-        check(self.loader_workers >= 0, f"loader_workers: must not be negative, got {self.loader_workers}")
-        check(all(k >= 1 for k in self.shots), f"shots: every shot count must be at least 1, got {self.shots}")
+    def shard_config(self, *, src: str, dst: str, storage_options: dict | None = None) -> ShardConfig:
+        """What `vit shard` is given for this dataset (``storage_options``: default, the dataset's own)."""
+        return ShardConfig(
+            src=src,
+            dst=dst,
+            shard_samples=self.shard_samples,
+            val_fraction=self.val_fraction,
+            storage_options=self.storage_options if storage_options is None else storage_options,
+        )
 
 
 @dataclass(kw_only=True)
@@ -111,9 +108,26 @@ class PipelineConfig:
     finetune_data: DatasetConfig = field(default_factory=lambda: DatasetConfig(source="digits"))
     pretrain: PretrainConfig | None = field(default_factory=PretrainConfig)  # null: fine-tune finetune.init_from
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    evaluate: EvaluateStepConfig = field(default_factory=EvaluateStepConfig)
+    evaluate: EvaluationSettings = field(default_factory=EvaluationSettings)
     register: RegisterConfig = field(default_factory=RegisterConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        """What spans sections (each section checks its own fields when built): here, so that `vit run`,
+        `vit submit` and a schedule refuse the same mistake with the same words, before any work."""
+        check(
+            self.pretrain is not None or bool(self.finetune.init_from),
+            "finetune.init_from: with no pretrain step, fine-tuning needs weights to start from",
+        )
+        for section in ("pretrain_data", "finetune_data"):
+            data: DatasetConfig = getattr(self, section)
+            if section == "pretrain_data" and self.pretrain is None:
+                continue
+            check(
+                bool(data.source or data.shards),
+                f"{section}.source: give a corpus to shard (or synth/digits), or existing shards",
+            )
+        check(bool(self.register.model_name), "register.model_name: the registered model needs a name")
 
 
 @dataclass
@@ -138,28 +152,11 @@ def run_pipeline(
     for name, value in (("--from", start_from), ("--only", only)):
         if value is not None and value not in STEPS:
             raise ConfigError(f"{name}: no step {value!r} (steps: {', '.join(STEPS)})")
-    _check(cfg)
     forced = set(STEPS[STEPS.index(start_from) :]) if start_from else set()
     if only:
         forced = {only}
     runner = _Runner(cfg, forced=forced, only=only, log=log)
     return runner.run()
-
-
-def _check(cfg: PipelineConfig) -> None:
-    """Settings that would fail minutes in fail now, each naming its field."""
-    # Each section checks its own fields when it is built (TrainConfig.__post_init__ and the like); what is left
-    # here spans sections.
-    if cfg.pretrain is None and not cfg.finetune.init_from:
-        raise ConfigError("finetune.init_from: with no pretrain step, fine-tuning needs weights to start from")
-    for section in ("pretrain_data", "finetune_data"):
-        data: DatasetConfig = getattr(cfg, section)
-        if section == "pretrain_data" and cfg.pretrain is None:
-            continue
-        if not data.source and not data.shards:
-            raise ConfigError(f"{section}.source: give a corpus to shard (or synth/digits), or existing shards")
-    if not cfg.register.model_name:
-        raise ConfigError("register.model_name: the registered model needs a name")
 
 
 class _Runner:
@@ -376,7 +373,7 @@ class _Runner:
         return outputs
 
     def _step_shard(self, label: str, attempt: str, inputs: dict) -> dict:
-        from pipelines.data.shard import ShardConfig, shard_corpus
+        from pipelines.data.shard import shard_corpus
         from pipelines.tracking.tracking import dataset_fingerprint
 
         init_ray()  # by the first step that needs it: a pipeline whose steps are all cached needs none
@@ -389,13 +386,7 @@ class _Runner:
             options = self._data_options(which)
             if source:
                 self.log(f"{label}: sharding {source} with Ray Data")
-                shard_cfg = ShardConfig(
-                    src=source,
-                    dst=dst,
-                    shard_samples=data.shard_samples,
-                    val_fraction=data.val_fraction,
-                    storage_options=options,
-                )
+                shard_cfg = data.shard_config(src=source, dst=dst, storage_options=options)
                 summary = shard_corpus(shard_cfg, log=lambda *_: None)
                 metrics.update({f"{which}/read": summary.read, f"{which}/written": summary.written})
                 metrics.update({f"{which}/rejected": summary.rejected, f"{which}/shards": summary.shards})
@@ -457,16 +448,14 @@ class _Runner:
         shards = self.outputs["shard"]["shards_finetune"]
         self.log(f"{label}: top-1/top-5 on the {ev.split} split, and {'/'.join(map(str, ev.shots))}-shot linear")
         cfg = EvaluateConfig(
+            **{f.name: getattr(ev, f.name) for f in dataclasses.fields(EvaluationSettings)},
             model=tuned["checkpoint"],
             shards=shards,
-            split=ev.split,
-            shots=ev.shots,
-            resize_size=tuned.get("resize_size"),
-            batch_size=ev.batch_size,
-            loader_workers=ev.loader_workers,
             storage_options=self._data_options("finetune"),
             tracking=self.cfg.tracking,
         )
+        if cfg.resize_size is None:  # evaluated as it was fine-tuned
+            cfg.resize_size = tuned.get("resize_size")
         tags = {"vit.finetune_run_id": tuned["mlflow_run_id"]} if tuned.get("mlflow_run_id") else {}
         result = run_evaluation(cfg, log=self._indent, parent_run_id=self.parent_id, tags=tags)
         return {"metrics": result.metrics, "mlflow_run_id": result.mlflow_run_id}

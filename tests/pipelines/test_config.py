@@ -72,3 +72,36 @@ def test_malformed_files_and_overrides(tmp_path):
         load_config(Outer, listy)
     with pytest.raises(ConfigError, match="key.sub=value"):
         apply_overrides({}, ["novalue"])
+
+
+PIPELINE_MISTAKES = [
+    ("pretrain: null\n", "finetune.init_from: with no pretrain step"),
+    ("finetune_data:\n  source: ''\n", "finetune_data.source: give a corpus"),
+    ("pretrain_data:\n  shard_samples: 0\n", "pretrain_data.shard_samples: must be at least 1"),
+    ("evaluate:\n  loader_workers: -1\n", "evaluate.loader_workers: must not be negative"),
+    ("pretrain:\n  batch_size: 6\n  scale:\n    num_workers: 4\n", "pretrain.batch_size"),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), PIPELINE_MISTAKES)
+def test_vit_run_and_vit_submit_refuse_a_pipeline_mistake_with_the_same_words(tmp_path, text, expected):
+    """The cross-field checks live in the config, so every command that loads it says the same thing."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from pipelines.orchestration.workflow import PipelineConfig
+
+    with pytest.raises(ConfigError) as raised:
+        load_config(PipelineConfig, text=text)
+    assert str(raised.value).startswith(expected)
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(text + "workdir: /tmp/never-made\n")
+    vit = str(Path(sys.executable).parent / "vit")
+    said = []
+    for command in ([vit, "run", str(config)], [vit, "submit", str(config), "--address", "http://127.0.0.1:9"]):
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert result.returncode != 0
+        said.append([line for line in result.stderr.splitlines() if expected in line])
+    assert said[0] and said[0] == said[1], said
+    assert not (tmp_path / "runs").exists() and not Path("/tmp/never-made").exists()
