@@ -34,6 +34,7 @@ from pipelines.common.ray import init_ray
 from pipelines.common.storage import filesystem
 from pipelines.data.shard import ShardConfig
 from pipelines.evaluation.evaluate import EvaluateConfig, EvaluationSettings, run_evaluation
+from pipelines.orchestration.lease import WorkdirLease
 from pipelines.tracking.tracking import Tracker, TrackingConfig
 from pipelines.training.config import FinetuneConfig, PretrainConfig
 from pipelines.training.driver import run_training
@@ -111,6 +112,7 @@ class PipelineConfig:
     evaluate: EvaluationSettings = field(default_factory=EvaluationSettings)
     register: RegisterConfig = field(default_factory=RegisterConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    lease_seconds: float = 120.0  # a run holds the workdir; a holder silent this long is taken for dead
 
     def __post_init__(self) -> None:
         """What spans sections (each section checks its own fields when built): here, so that `vit run`,
@@ -128,6 +130,10 @@ class PipelineConfig:
                 f"{section}.source: give a corpus to shard (or synth/digits), or existing shards",
             )
         check(bool(self.register.model_name), "register.model_name: the registered model needs a name")
+        check(
+            self.lease_seconds >= 5,
+            f"lease_seconds: must be at least 5 (heartbeats come every quarter), got {self.lease_seconds}",
+        )
 
 
 @dataclass
@@ -146,9 +152,14 @@ def run_pipeline(
     *,
     start_from: str | None = None,
     only: str | None = None,
+    break_lock: bool = False,
     log: Callable[[str], None] = print,
 ) -> PipelineResult:
-    """Run the steps in order; see the module docstring for what is cached and what runs again."""
+    """Run the steps in order; see the module docstring for what is cached and what runs again.
+
+    The run holds the workdir's lease throughout (``pipelines.orchestration.lease``): a second pipeline on the
+    same workdir stops at once with a ``WorkdirBusyError`` naming this one. ``break_lock`` takes the lease from a
+    holder the operator knows to be gone."""
     for name, value in (("--from", start_from), ("--only", only)):
         if value is not None and value not in STEPS:
             raise ConfigError(f"{name}: no step {value!r} (steps: {', '.join(STEPS)})")
@@ -156,7 +167,10 @@ def run_pipeline(
     if only:
         forced = {only}
     runner = _Runner(cfg, forced=forced, only=only, log=log)
-    return runner.run()
+    with WorkdirLease(
+        runner.workdir, cfg.storage_options, ttl=cfg.lease_seconds, break_lock=break_lock, log=log
+    ) as runner.lease:
+        return runner.run()
 
 
 class _Runner:
@@ -170,6 +184,7 @@ class _Runner:
         self.cached: list[str] = []
         self.seconds: dict[str, float] = {}
         self.parent_id: str | None = None
+        self.lease: WorkdirLease | None = None
 
     def path(self, *parts: str) -> str:
         return posixpath.join(self.workdir, *parts)
@@ -214,6 +229,8 @@ class _Runner:
                 if not self._applies(step):
                     self.outputs[step] = {}
                     continue
+                if self.lease is not None:
+                    self.lease.check()
                 self._run_step(step, number)
         except BaseException as err:
             failed = err
