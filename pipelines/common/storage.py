@@ -5,9 +5,11 @@ Every stage reads and writes through these, so a workdir, a corpus or a shard fo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import posixpath
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import fsspec
@@ -65,3 +67,50 @@ def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
     protocol = fs.protocol
     return (protocol,) if isinstance(protocol, str) else tuple(protocol)
+
+
+@dataclass(frozen=True)
+class ListedFile:
+    """One object of a listing, identified without reading it: its path under the listed root, its size, and
+    what the store says changes when the content does (a version id or ETag on object stores, else mtime)."""
+
+    path: str
+    size: int
+    version: str
+
+
+def list_files(url: str, storage_options: dict | None = None) -> list[ListedFile]:
+    """Every file under ``url`` (recursively, hidden names included), sorted by path; one listing call per
+    folder on a local disk, a paginated ``ListObjectsV2`` on S3, never a byte of content."""
+    fs, root = filesystem(url, storage_options)
+    if not fs.exists(root):
+        raise FileNotFoundError(f"{url} does not exist")
+    found = fs.find(root, detail=True) if fs.isdir(root) else {root: fs.info(root)}
+    files = []
+    for path, info in found.items():
+        if info.get("type", "file") != "file":
+            continue
+        relative = posixpath.relpath(path, root) if path != root else posixpath.basename(path)
+        files.append(ListedFile(relative, int(info.get("size") or 0), _version(info)))
+    return sorted(files, key=lambda f: f.path)
+
+
+def listing_fingerprint(files: list[ListedFile]) -> str:
+    """A digest of a listing: equal for equal (path, size, version) sets, whatever order they were listed in."""
+    digest = hashlib.sha256()
+    for f in sorted(files, key=lambda f: f.path):
+        digest.update(f"{f.path}\0{f.size}\0{f.version}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def _version(info: dict) -> str:
+    """What identifies this content in ``info`` (fsspec's detail dict): the store's own version first."""
+    for key in ("VersionId", "version_id", "generation", "ETag", "etag", "md5Hash"):
+        value = info.get(key)
+        if value not in (None, "", "null"):
+            return f"{key}={str(value).strip(chr(34))}"
+    for key in ("mtime", "LastModified", "last_modified", "created"):
+        value = info.get(key)
+        if value is not None:
+            return f"{key}={value.isoformat() if hasattr(value, 'isoformat') else value}"
+    return ""
