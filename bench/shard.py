@@ -131,7 +131,7 @@ def worker_minimal_ray(corpus: Path, out: Path) -> dict:
 
 
 def worker_vit_shard(corpus: Path, out: Path) -> dict:
-    from pipelines.data.shard import ShardConfig, shard_corpus
+    from pipelines.data.shards import ShardConfig, shard_corpus
 
     _ray_init()
     start = time.perf_counter()

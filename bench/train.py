@@ -402,7 +402,7 @@ def ensure_shards(workdir: Path, images: int, image_size: int, classes: int, sha
 def worker_shard(corpus: str, opts: dict) -> dict:
     import ray
 
-    from pipelines.data.shard import ShardConfig, shard_corpus
+    from pipelines.data.shards import ShardConfig, shard_corpus
 
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     summary = shard_corpus(ShardConfig(src=corpus, dst=opts["dst"], shard_samples=opts["n"]), log=lambda *_: None)

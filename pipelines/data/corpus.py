@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import colorsys
 import io
-import json
 import math
 import multiprocessing
 import posixpath
@@ -36,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
-from pipelines.common.storage import filesystem
+from pipelines.common.storage import filesystem, join, write_json
 
 # The visual vocabulary. A superclass is a (shape, background) pair, so every class in it shares both traits;
 # a class inside it is a (hue, texture) pair. No shape is a rotation of another (hence no diamond beside the square).
@@ -445,7 +444,7 @@ def synth_corpus(
     storage_options = dict(storage_options or {})
     fs, root = filesystem(dst, storage_options)
     _prepare_root(fs, root, dst, overwrite)
-    _write_json(fs, f"{root}/classes.json", taxonomy.vocabulary())
+    write_json(fs, f"{root}/classes.json", taxonomy.vocabulary())
     spec = _SynthSpec(
         dst=dst,
         storage_options=storage_options,
@@ -470,7 +469,7 @@ def synth_corpus(
     labels_url = None
     if layout == "table":
         _write_parquet(fs, f"{root}/labels.parquet", batches)
-        labels_url = _join(dst, "labels.parquet")
+        labels_url = join(dst, "labels.parquet")
     fs.invalidate_cache(root)  # other processes wrote under it
     return CorpusSummary(
         root=dst,
@@ -480,7 +479,7 @@ def synth_corpus(
         superclasses=len(taxonomy.superclasses),
         bytes=written,
         seconds=time.perf_counter() - started,
-        classes_file=_join(dst, "classes.json"),
+        classes_file=join(dst, "classes.json"),
         labels=labels_url,
     )
 
@@ -509,7 +508,7 @@ def import_digits(
     started = time.perf_counter()
     fs, root = filesystem(dst, storage_options)
     _prepare_root(fs, root, dst, overwrite)
-    _write_json(fs, f"{root}/classes.json", [{"id": d, "name": str(d), "superclass": None} for d in range(10)])
+    write_json(fs, f"{root}/classes.json", [{"id": d, "name": str(d), "superclass": None} for d in range(10)])
 
     digits = load_digits()
     pixels = np.rint(digits.images * (255 / 16)).astype(np.uint8)  # 0..16 ink levels -> 0..255
@@ -549,8 +548,8 @@ def import_digits(
         superclasses=0,
         bytes=sum(map(len, encoded.values())),
         seconds=time.perf_counter() - started,
-        classes_file=_join(dst, "classes.json"),
-        labels=_join(dst, "labels.parquet"),
+        classes_file=join(dst, "classes.json"),
+        labels=join(dst, "labels.parquet"),
         splits={split: int((splits == split).sum()) for split in ("train", "test")},
     )
 
@@ -589,15 +588,6 @@ def _prepare_root(fs: fsspec.AbstractFileSystem, root: str, dst: str, overwrite:
 def _is_process_local(fs: fsspec.AbstractFileSystem) -> bool:
     protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
     return "memory" in protocols
-
-
-def _join(url: str, name: str) -> str:
-    return f"{url.rstrip('/')}/{name}"
-
-
-def _write_json(fs: fsspec.AbstractFileSystem, path: str, value: Any) -> None:
-    with fs.open(path, "wb") as f:
-        f.write((json.dumps(value, indent=1) + "\n").encode())
 
 
 def _label_batch(rows: dict[str, list]) -> pa.RecordBatch:

@@ -5,13 +5,13 @@ reader gets, the order of samples inside its shuffle blocks and every sample's a
 derived from the seed, so a run resumed at step s reads exactly the batches an uninterrupted run
 would have read from step s on. Skipping to that position costs almost nothing: whole shards are
 passed over by the sample counts in the shards' ``_info.json``, and inside a shard only tar headers
-are read, never decoded.
+are read, never decoded. The tars are parsed by ``pipelines.data.shards.format``, beside their writer.
 
 Why this and not Ray Data (``read_webdataset`` + ``get_dataset_shard``), measured by
 ``bench/train.py`` on 2 cores (Inception crop at 224, batches of 32): this loader delivers 90-93% of
 the decode+augment ceiling of the same two processes (medians of three runs: 93.4%, 92.4% and 90.3%
 over 6, 12 and 12 passes; 76% with a fresh shared batch per batch, 87-91% with recycled ones sent
-whole, before tar headers were parsed here and batches sent as ring slots), Ray Data's stock
+whole, before tar headers were parsed by our own reader and batches sent as ring slots), Ray Data's stock
 pipeline 23-40%. Beyond speed,
 Ray Data's streaming split has no resumable position (a restarted run would re-read an epoch from
 the start or skip what it never trained on), it reserves CPUs of its own beside the training
@@ -23,46 +23,34 @@ DataLoader processes keeps exact resume and costs little beyond the decode itsel
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import math
-import posixpath
-import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-import fsspec
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipelines.common.storage import filesystem
+from pipelines.common.storage import filesystem, join, read_json
+from pipelines.data.shards.format import (
+    CLASSES_FILE,
+    IMAGE_MEMBERS,
+    INFO_FILE,
+    ShardReadError,
+    ShardsError,
+    class_names,
+    iter_tar_samples,
+    sample_image,
+    sample_is_multi_label,
+    sample_label_ids,
+)
 from vit.data import ImageTransform, encode_labels, sample_rng
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-MAX_MEMBER_BYTES = 256 << 20  # a tar member larger than this is not an image we trained on: refuse it
-
-
-class ShardsError(ValueError):
-    """The shards cannot be read as asked: missing metadata, an unknown split, or a damaged tar."""
-
-
-class ShardReadError(ShardsError):
-    """A training shard whose bytes are wrong: a damaged, truncated or hostile tar, or fewer samples than
-    ``_info.json`` promises. A data error, not an I/O one: reading the shard again reads the same bytes, so
-    do not retry it. ``shard`` names the tar, ``member`` the member being read (None between members) and
-    ``offset`` the byte of the tar where the fault was found (None when it is not about one place).
-
-    Raised by ``iter_tar_samples`` (every structural fault of a tar) and by ``ShardStream`` (sample counts).
-    Only the message survives a DataLoader worker (torch re-raises ``type(message)``); pickling (Ray) keeps
-    the attributes too. An image that fails to decode is not this: the stream counts it as a bad sample."""
-
-    def __init__(self, message: str, *, shard: str | None = None, member: str | None = None, offset: int | None = None):
-        super().__init__(message)
-        self.shard, self.member, self.offset = shard, member, offset
+IMAGE_EXTENSIONS = IMAGE_MEMBERS  # the name readers of samples (bench/train.py) know
 
 
 @dataclass(frozen=True)
@@ -84,9 +72,8 @@ class ShardSet:
 
 def read_info(root: str, storage_options: dict | None = None) -> dict:
     fs, path = filesystem(root, storage_options)
-    info_path = posixpath.join(path, "_info.json")
     try:
-        return json.loads(fs.cat_file(info_path))
+        return read_json(fs, join(path, INFO_FILE))
     except FileNotFoundError:
         raise ShardsError(f"{root} has no _info.json: is it the output of `vit shard`?") from None
 
@@ -95,10 +82,10 @@ def read_classes(root: str, storage_options: dict | None = None) -> list[str]:
     """The class names of a `vit shard` output, in label-id order (ids as names when it has none)."""
     fs, path = filesystem(root, storage_options)
     try:
-        entries = json.loads(fs.cat_file(posixpath.join(path, "classes.json")))
+        entries = read_json(fs, join(path, CLASSES_FILE))
     except FileNotFoundError:
         return [str(i) for i in range(read_info(root, storage_options)["num_classes"])]
-    return [entry["name"] for entry in sorted(entries, key=lambda e: e["id"])]
+    return class_names(entries)
 
 
 def open_shards(root: str, split: str, storage_options: dict | None = None) -> ShardSet:
@@ -116,7 +103,7 @@ def open_shards(root: str, split: str, storage_options: dict | None = None) -> S
     return ShardSet(
         root=root,
         split=split,
-        urls=tuple(posixpath.join(root, name) for name in entry["filenames"]),
+        urls=tuple(join(root, name) for name in entry["filenames"]),
         lengths=tuple(int(n) for n in entry["shard_lengths"]),
         num_classes=int(info["num_classes"]),
         multi_label=bool(multi_label),
@@ -125,199 +112,12 @@ def open_shards(root: str, split: str, storage_options: dict | None = None) -> S
 
 
 def _first_sample_is_multi_label(root: str, filename: str, storage_options: dict | None) -> bool:
-    url = posixpath.join(root, filename)
-    with fsspec.open(url, "rb", **(storage_options or {})) as f:
+    url = join(root, filename)
+    fs, path = filesystem(url, storage_options)
+    with fs.open(path, "rb") as f:
         for sample in iter_tar_samples(f, shard=url):
-            return "cls" not in sample
+            return sample_is_multi_label(sample)
     return False
-
-
-def iter_tar_samples(fileobj, skip: int = 0, *, shard: str | None = None) -> Iterator[dict[str, bytes | str]]:
-    """Samples of a WebDataset tar as ``{"__key__": key, ext: bytes, ...}``; the first ``skip`` unread.
-
-    Members are grouped by key (the name up to the first dot of its basename, as WebDataset does).
-    Nothing is extracted to disk, so hostile member names cannot escape anywhere; links, folders
-    and oversized members are refused.
-
-    The headers are parsed here rather than by ``tarfile``, whose stream mode costs ~40 us a member
-    (a few percent of a decode at 224 px); ustar, GNU long names and PAX path/size records are read,
-    and every header's checksum is checked. Every read moves forward, and every length is checked
-    before it is used (numbers, PAX records, metadata and member sizes, data running past the end of
-    a seekable file), so a damaged or hostile tar raises :class:`ShardReadError` naming ``shard`` (by
-    default the file object's path or name), the member and the byte offset; it never hangs.
-    """
-    tar = _TarReader(fileobj, shard)
-    key, sample, index = None, {}, 0
-    for name, size, regular in _tar_members(tar):
-        prefix, base = posixpath.split(name)
-        stem, dot, ext = base.partition(".")
-        if not regular or not dot:  # a link, a folder, or a name without an extension: passed over
-            tar.skip(size + -size % 512)
-            continue
-        member_key = posixpath.join(prefix, stem) if prefix else stem
-        if member_key != key:
-            if key is not None:
-                if index >= skip:
-                    yield sample
-                index += 1
-            key, sample = member_key, {"__key__": member_key}
-        if index < skip:
-            tar.skip(size + -size % 512)  # a resumed reader moves past the data without keeping it
-            continue
-        if size > MAX_MEMBER_BYTES:
-            raise tar.error(f"a member of {size} bytes, above {MAX_MEMBER_BYTES}")
-        sample[ext.lower()] = tar.read(size)
-        tar.skip(-size % 512)
-    if key is not None and index >= skip:
-        yield sample
-
-
-_REGULAR_TYPES = (b"0", b"\0", b"7")
-_MAX_METADATA_BYTES = 1 << 20  # a GNU long name or a PAX header: a few hundred bytes in any real tar
-_OCTAL_DIGITS = re.compile(rb"[0-7]+")
-_ZERO_BLOCK = bytes(512)
-
-
-class _TarReader:
-    """A tar file object read forward only, with the position kept for error messages and, when the file
-    can tell its size, every skip checked against its end (a seek past the end reads as a clean end)."""
-
-    def __init__(self, f, shard: str | None):
-        self.f = f
-        self.shard = shard or str(getattr(f, "path", None) or getattr(f, "name", None) or "<tar stream>")
-        self.member: str | None = None  # the member whose data comes next, for messages
-        self.pos = 0  # bytes consumed since the start of the archive
-        self.end = self._size_left(f)
-        self.seekable = f.seekable()
-
-    @staticmethod
-    def _size_left(f) -> int | None:
-        """Bytes from the current position to the end of ``f``, when it can tell without reading."""
-        try:
-            if not f.seekable():
-                return None
-            here = f.tell()
-            end = f.seek(0, 2)
-            f.seek(here)
-            return end - here
-        except (OSError, ValueError, AttributeError):
-            return None
-
-    def error(self, what: str, *, offset: int | None = None) -> ShardReadError:
-        offset = self.pos if offset is None else offset
-        where = f"byte {offset}" + (f", member {self.member!r}" if self.member is not None else "")
-        return ShardReadError(
-            f"damaged tar {self.shard} ({where}): {what}", shard=self.shard, member=self.member, offset=offset
-        )
-
-    def header(self) -> bytes | None:
-        """The next 512-byte header, or None at the end of the archive."""
-        header = self.f.read(512)
-        if not header or header == _ZERO_BLOCK:
-            return None  # end of archive (or a tar cut exactly at a member boundary, which the counts catch)
-        if len(header) < 512:
-            raise self.error(f"a header cut short ({len(header)} of 512 bytes)")
-        self.pos += 512
-        return header
-
-    def read(self, size: int) -> bytes:
-        data = self.f.read(size)
-        if len(data) != size:
-            raise self.error(f"data cut short ({len(data)} of {size} bytes)")
-        self.pos += size
-        return data
-
-    def skip(self, size: int) -> None:
-        if size <= 0:
-            return
-        if self.end is not None and self.pos + size > self.end:
-            raise self.error(f"{size} bytes of data run past the end of the file ({self.end - self.pos} left)")
-        if self.seekable:
-            self.f.seek(size, 1)  # past the data without reading it (local files and object stores alike)
-            self.pos += size
-            return
-        while size > 0:  # a stream: read and drop, a block at a time (a hostile size must not allocate)
-            step = min(size, 1 << 20)
-            self.read(step)
-            size -= step
-
-
-def _tar_members(tar: _TarReader) -> Iterator[tuple[str, int, bool]]:
-    """(name, size, is a regular file) of each member, with the file positioned at its data; long names
-    (GNU ``L`` members, PAX ``path`` records) and PAX ``size`` records applied."""
-    long_name: str | None = None
-    pax: dict[str, str] = {}
-    while True:
-        tar.member = None
-        at = tar.pos
-        header = tar.header()
-        if header is None:
-            return
-        checksum = _number(header[148:156])
-        if checksum is None or _checksum(header) != checksum:
-            raise tar.error("a header with a wrong checksum", offset=at)
-        size = _number(header[124:136])
-        if size is None:
-            raise tar.error(f"a header whose size field {header[124:136]!r} is not a size", offset=at)
-        kind = header[156:157]
-        if kind in (b"L", b"x"):  # metadata for the next member
-            if size > _MAX_METADATA_BYTES:
-                raise tar.error(f"a {kind.decode()!r} metadata header of {size} bytes", offset=at)
-            data = tar.read(size).rstrip(b"\0")
-            tar.skip(-size % 512)
-            if kind == b"L":
-                long_name = data.decode("utf-8", "surrogateescape")
-            else:
-                pax = _pax_records(data, tar, at)
-            continue
-        name = header[:100].split(b"\0", 1)[0]
-        prefix = header[345:500].split(b"\0", 1)[0] if header[257:262] == b"ustar" else b""
-        name = (prefix + b"/" + name if prefix else name).decode("utf-8", "surrogateescape")
-        name = pax.get("path", long_name or name)
-        if "size" in pax:
-            if not pax["size"].isascii() or not pax["size"].isdigit():
-                raise tar.error(f"a PAX size {pax['size'][:40]!r} that is not a size", offset=at)
-            size = int(pax["size"])
-        long_name, pax = None, {}
-        tar.member = name
-        yield name, size, kind in _REGULAR_TYPES
-
-
-def _checksum(header: bytes) -> int:
-    return sum(header[:148]) + 8 * 32 + sum(header[156:])  # the checksum field counts as spaces
-
-
-def _number(field: bytes) -> int | None:
-    """A numeric header field (octal digits, or GNU base-256 for sizes beyond 8 GiB); None when it is
-    not a non-negative number (a negative base-256 value, a sign, garbage)."""
-    if field[0] & 0x80:
-        return int.from_bytes(field[1:], "big") if field[0] == 0x80 else None  # 0xff: negative
-    digits = field.split(b"\0", 1)[0].strip()
-    if not digits:
-        return 0
-    return int(digits, 8) if _OCTAL_DIGITS.fullmatch(digits) else None
-
-
-def _pax_records(data: bytes, tar: _TarReader, at: int) -> dict[str, str]:
-    """'<length> <key>=<value>\\n' records, the length counting the whole record; only path and size
-    matter here. Each record must move forward, fit in the header data and end with a newline."""
-    records, pos = {}, 0
-    while pos < len(data):
-        space = data.find(b" ", pos, pos + 20)
-        digits = data[pos:space] if space > pos else b""
-        if not digits.isdigit():  # ASCII digits only: no sign, no blank, no garbage
-            raise tar.error(f"a PAX record without a length at {pos}: {data[pos : pos + 20]!r}", offset=at)
-        end = pos + int(digits)
-        if end < space + 2:  # shorter than its own "<length> " (a length of 0 would never move on)
-            raise tar.error(f"a PAX record of length {int(digits)}, shorter than its own header", offset=at)
-        if end > len(data):
-            raise tar.error(f"a PAX record of length {int(digits)} running past the header's data", offset=at)
-        key, eq, value = data[space + 1 : end - 1].partition(b"=")
-        if data[end - 1 : end] != b"\n" or not eq:
-            raise tar.error(f"a malformed PAX record {data[pos:end][:60]!r}", offset=at)
-        records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
-        pos = end
-    return records
 
 
 @dataclass(frozen=True)
@@ -397,7 +197,7 @@ class ShardStream(IterableDataset):
             try:
                 image = self._image(sample, epoch)
                 encode_labels(
-                    self._label_ids(sample), shards.num_classes, multi_label=shards.multi_label, out=targets[filled]
+                    sample_label_ids(sample), shards.num_classes, multi_label=shards.multi_label, out=targets[filled]
                 )
             except ValueError as err:
                 bad += 1
@@ -494,7 +294,8 @@ class ShardStream(IterableDataset):
                 start -= portion.count
                 continue
             url = shards.urls[portion.shard]
-            with fsspec.open(url, "rb", **shards.storage_options) as f:
+            fs, path = filesystem(url, shards.storage_options)
+            with fs.open(path, "rb") as f:
                 if portion.stride == 1:
                     seen = start
                     for sample in iter_tar_samples(f, skip=start, shard=url):
@@ -514,18 +315,7 @@ class ShardStream(IterableDataset):
             start = 0
 
     def _image(self, sample: dict, epoch: int):
-        data = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
-        if data is None:
-            raise ValueError(f"no image member (one of {', '.join(IMAGE_EXTENSIONS)})")
-        return self.spec.transform.to_image(data, sample_rng(self.spec.seed, epoch, sample["__key__"]))
-
-    @staticmethod
-    def _label_ids(sample: dict) -> list[int]:
-        if "json" in sample:
-            return json.loads(sample["json"])["label_ids"]
-        if "cls" in sample:
-            return [int(sample["cls"])]
-        raise ValueError("no label (json with label_ids, or cls)")
+        return self.spec.transform.to_image(sample_image(sample), sample_rng(self.spec.seed, epoch, sample["__key__"]))
 
 
 def _chunks(items: Iterator[dict], size: int) -> Iterator[list[dict]]:

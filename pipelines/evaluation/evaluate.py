@@ -18,8 +18,9 @@ import torch
 
 import vit
 from pipelines.common.config import check
+from pipelines.data.shards.format import dataset_fingerprint
 from pipelines.data.stream import ShardSet, StreamSpec, make_loader, open_shards, read_classes
-from pipelines.tracking.tracking import Tracker, TrackingConfig, dataset_fingerprint
+from pipelines.tracking.tracking import Tracker, TrackingConfig
 from pipelines.training.weights import local_weights, resolve_weights
 from vit.data import build_transform, normalize
 from vit.evaluate import fewshot_accuracy, topk_hits

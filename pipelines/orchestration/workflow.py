@@ -24,7 +24,7 @@ import json
 import os
 import posixpath
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -32,7 +32,7 @@ from typing import Any, Literal
 from pipelines.common.config import ConfigError, check, to_dict
 from pipelines.common.ray import init_ray
 from pipelines.common.storage import filesystem
-from pipelines.data.shard import ShardConfig
+from pipelines.data.shards import ShardConfig
 from pipelines.evaluation.evaluate import EvaluateConfig, EvaluationSettings, run_evaluation
 from pipelines.orchestration.lease import WorkdirLease
 from pipelines.tracking.tracking import Tracker, TrackingConfig
@@ -49,6 +49,28 @@ def find_config(name: str) -> Path | None:
         return Path(name)
     shipped = CONFIGS_DIR / (name if name.endswith(".yaml") else f"{name}.yaml")
     return shipped if "/" not in name and shipped.is_file() else None
+
+
+def shipped_configs() -> str:
+    return ", ".join(sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml")))
+
+
+def load_pipeline_config(config: str | None, overrides: Sequence[str] = ()) -> PipelineConfig:
+    """The pipeline config as `vit run CONFIG OVERRIDES...` reads it: a YAML file, a shipped config's name
+    (``local``, ``jft-b16``), ``env:NAME`` (YAML in an environment variable: how `vit submit` hands it to a Ray
+    Job), or ``None``: the embedded local demo. Every command and the scheduler read configs here, so a mistake
+    gets the same words everywhere."""
+    from pipelines.common.config import load_config
+
+    if config is not None and config.startswith("env:"):
+        text = os.environ.get(config.removeprefix("env:"))
+        if text is None:
+            raise ConfigError(f"{config}: the environment variable is not set")
+        return load_config(PipelineConfig, overrides=overrides, text=text)
+    path = find_config(config) if config is not None else LOCAL_CONFIG
+    if path is None:
+        raise ConfigError(f"{config}: no such config file (nor a shipped one: {shipped_configs()})")
+    return load_config(PipelineConfig, path, overrides)
 
 
 STEPS = ("corpus", "shard", "pretrain", "finetune", "evaluate", "register")
@@ -390,8 +412,8 @@ class _Runner:
         return outputs
 
     def _step_shard(self, label: str, attempt: str, inputs: dict) -> dict:
-        from pipelines.data.shard import shard_corpus
-        from pipelines.tracking.tracking import dataset_fingerprint
+        from pipelines.data.shards import shard_corpus
+        from pipelines.data.shards.format import dataset_fingerprint
 
         init_ray()  # by the first step that needs it: a pipeline whose steps are all cached needs none
         outputs: dict[str, Any] = {}

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pipelines.common.redaction import redact
-from pipelines.common.storage import filesystem
+from pipelines.data.shards.format import dataset_fingerprint  # noqa: F401  (re-exported for the training driver)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -421,19 +421,6 @@ class LiveMetrics:
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
-
-
-def dataset_fingerprint(shards: str, storage_options: dict | None = None) -> str:
-    """Identifies a `vit shard` output: the sharding run's fingerprint and a hash of its ``_info.json``."""
-    import hashlib
-    import posixpath
-
-    fs, root = filesystem(shards, storage_options)
-    digest = hashlib.sha256(fs.cat_file(posixpath.join(root, "_info.json")))
-    summary = posixpath.join(root, "summary.json")
-    if fs.exists(summary):
-        digest.update(json.loads(fs.cat_file(summary)).get("fingerprint", "").encode())
-    return digest.hexdigest()[:16]
 
 
 def training_curves(history: list[dict], title: str = ""):

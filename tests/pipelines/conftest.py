@@ -59,7 +59,7 @@ def s3_bucket(s3_endpoint: str, s3_storage_options: dict) -> str:
 def synth_shards(ray_local, tmp_path_factory) -> str:
     """A small synthetic JFT-style corpus (multi-label, 32 px) sharded by `vit shard`: 8 train shards and val."""
     from pipelines.data.corpus import synth_corpus
-    from pipelines.data.shard import ShardConfig, shard_corpus
+    from pipelines.data.shards import ShardConfig, shard_corpus
 
     root = tmp_path_factory.mktemp("synth")
     synth_corpus(str(root / "corpus"), images=480, classes=6, image_size=32, seed=0)
@@ -72,7 +72,7 @@ def synth_shards(ray_local, tmp_path_factory) -> str:
 def digits_shards(ray_local, tmp_path_factory) -> str:
     """The real bundled digits (single-label, 32 px RGB) sharded into train and test splits."""
     from pipelines.data.corpus import import_digits
-    from pipelines.data.shard import ShardConfig, shard_corpus
+    from pipelines.data.shards import ShardConfig, shard_corpus
 
     root = tmp_path_factory.mktemp("digits")
     import_digits(str(root / "corpus"))

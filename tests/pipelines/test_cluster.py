@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.data.shard import ShardConfig, shard_corpus
+from pipelines.data.shards import ShardConfig, shard_corpus
 from pipelines.training.config import load_train_config
 from pipelines.training.driver import run_training
 

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipelines.data.shard import ShardConfig, ShardError, shard_corpus, verify_shards
+from pipelines.data.shards import ShardConfig, ShardError, shard_corpus, verify_shards
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -197,24 +197,24 @@ def test_shuffle_is_deterministic_and_random(tmp_path):
 
 def test_the_plan_does_not_depend_on_how_the_index_is_cut(tmp_path, monkeypatch):
     """Buckets and listing units are how the index scales out; the shards must not depend on them."""
-    from pipelines.data import shard
+    from pipelines.data.shards import index, plan
 
     src = tmp_path / "src"
     write_folder_corpus(src, per_class=30)
     (src / "circle" / "img000.png").write_bytes((src / "circle" / "img001.jpg").read_bytes())  # a shared stem
     quiet = {"log": lambda *_: None}
     shard_corpus(ShardConfig(src=str(src), dst=str(tmp_path / "one"), shard_samples=7, val_fraction=0.2), **quiet)
-    monkeypatch.setattr(shard, "_BUCKET_ROWS", 4)  # 91 rows -> 32 buckets, so shards span several
+    monkeypatch.setattr(plan, "_BUCKET_ROWS", 4)  # 91 rows -> 32 buckets, so shards span several
     many = shard_corpus(
         ShardConfig(src=str(src), dst=str(tmp_path / "many"), shard_samples=7, val_fraction=0.2), **quiet
     )
-    assert shard._bucket_bits(91) == 5
+    assert plan._bucket_bits(91) == 5
     assert many.rejected_by_reason == {} and many.written == 91
     assert manifest(tmp_path / "one") == manifest(tmp_path / "many")
     assert {"circle__img000", "circle__img000~png"} <= set(read_tars(tmp_path / "many"))
 
     # a label table indexed in parts of row groups, a task each, gives what one streamed CSV gives
-    monkeypatch.setattr(shard, "_TABLE_PART_ROWS", 4)  # row groups of 9 rows in parts of 4, 4 and 1
+    monkeypatch.setattr(index, "_TABLE_PART_ROWS", 4)  # row groups of 9 rows in parts of 4, 4 and 1
     import pyarrow as pa
     import pyarrow.csv as pcsv
 
@@ -311,7 +311,7 @@ LABEL_COLUMNS = {
 def test_label_columns_are_read_in_arrow_as_row_by_row(values, classes):
     import pyarrow as pa
 
-    from pipelines.data.shard import _as_label_names, _label_names
+    from pipelines.data.shards.index import _as_label_names, _label_names
 
     kind = pa.int8() if values is LABEL_COLUMNS["small-ints"] else pa.array(values).type
     column = pa.chunked_array([pa.array(values[:2], kind), pa.array(values[2:], kind)])
@@ -323,7 +323,7 @@ def test_label_columns_are_read_in_arrow_as_row_by_row(values, classes):
 def test_keys_from_paths_in_arrow_as_one_by_one():
     import pyarrow as pa
 
-    from pipelines.data.shard import _key_from_path, _keys_from_paths
+    from pipelines.data.shards.format import _key_from_path, _keys_from_paths
 
     paths = [
         "a/b.jpg",
@@ -421,7 +421,7 @@ def test_killed_run_resumes_to_identical_shards(tmp_path):
     shard_corpus(ShardConfig(dst=str(reference), **cfg), log=lambda *_: None)
 
     script = (
-        "import ray; from pipelines.data.shard import ShardConfig, shard_corpus; "
+        "import ray; from pipelines.data.shards import ShardConfig, shard_corpus; "
         "ray.init(address='local', num_cpus=2, include_dashboard=False, log_to_driver=False); "
         f"shard_corpus(ShardConfig(dst={str(killed)!r}, **{cfg!r}))"
     )
@@ -791,7 +791,7 @@ def test_files_sharing_a_stem_are_all_kept_with_unique_stable_keys(tmp_path, mon
     import pyarrow as pa
     import ray.data
 
-    from pipelines.data import shard
+    from pipelines.data.shards import plan
 
     src = tmp_path / "src"
     count = write_folder_corpus(src, per_class=6)
@@ -831,7 +831,7 @@ def test_files_sharing_a_stem_are_all_kept_with_unique_stable_keys(tmp_path, mon
     assert sorted(ray_keys) == sorted(samples)  # Ray's reader splits keys the same way
 
     # the same inputs again, with the index cut into other buckets: byte-identical shards
-    monkeypatch.setattr(shard, "_BUCKET_ROWS", 4)
+    monkeypatch.setattr(plan, "_BUCKET_ROWS", 4)
     two = shard_corpus(ShardConfig(src=str(src), dst=str(tmp_path / "two"), shard_samples=8, val_fraction=0.2), **quiet)
     assert two.written == one.written and manifest(tmp_path / "one") == manifest(tmp_path / "two")
 
