@@ -54,6 +54,12 @@ def ray_two_nodes():
             _start_local_ray()
 
 
+@pytest.fixture(scope="session")
+def unused_port():
+    """A function returning a port nothing listens on (for a server a test starts, or one that must not answer)."""
+    return free_port
+
+
 def free_port() -> int:
     import socket
 

@@ -8,13 +8,17 @@
 This package imports neither Ray nor MLflow: parallelism, storage and tracking live in ``pipelines``.
 """
 
+from __future__ import annotations
+
 from vit.checkpoint import (
+    CheckpointContents,
     CheckpointMismatchError,
     LoadReport,
     UnknownVariantError,
     infer_model_config,
     load_checkpoint,
     load_model,
+    read_checkpoint,
     save_checkpoint,
     save_state_dict,
     to_hf_state_dict,
@@ -24,6 +28,7 @@ from vit.posemb import resample_pos_embed
 from vit.variants import create_model, decode_variant, list_models, model_config
 
 __all__ = [
+    "CheckpointContents",
     "CheckpointMismatchError",
     "LoadReport",
     "UnknownVariantError",
@@ -36,6 +41,7 @@ __all__ = [
     "load_checkpoint",
     "load_model",
     "model_config",
+    "read_checkpoint",
     "resample_pos_embed",
     "save_checkpoint",
     "save_state_dict",

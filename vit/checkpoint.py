@@ -248,6 +248,41 @@ def detect_format(state: Mapping[str, Any], meta: Mapping | None = None) -> str:
     raise ValueError(f"unrecognised checkpoint format (first keys: {sample}); expected ours, timm, .npz or HF ViT")
 
 
+@dataclass(frozen=True)
+class CheckpointContents:
+    """What :func:`read_checkpoint` found: the tensors under the file's own names, its metadata and its format."""
+
+    tensors: dict[str, Any]  # torch tensors, or numpy arrays for .npz
+    metadata: dict
+    format: str  # 'vit', 'timm', 'npz' or 'hf' (see detect_format)
+
+    @property
+    def num_classes(self) -> int:
+        """The classifier's output count, off ``head`` (ours, timm), ``classifier`` (Hugging Face) or
+        ``head/kernel`` (.npz); 0 without one."""
+        for key in ("head.weight", "classifier.weight"):
+            if key in self.tensors:
+                return int(self.tensors[key].shape[0])
+        for key in ("head/kernel", "img/head/kernel", "params/head/kernel"):  # JAX kernels are (in, out)
+            if key in self.tensors:
+                return int(self.tensors[key].shape[-1])
+        return 0
+
+
+def read_checkpoint(src: str | os.PathLike | BinaryIO | Mapping[str, Any]) -> CheckpointContents:
+    """Read the weights in ``src`` (a file of any supported format, a ``save_pretrained`` folder, a file object or a
+    state dict) without building a model: to look at them first, e.g. to size a model for them.
+
+    Nothing is converted: ``tensors`` keep the file's names and can be handed to :func:`load_checkpoint` as they are,
+    so a file is read once. Training checkpoints are unwrapped to their state dict, and DDP or ``torch.compile``
+    prefixes dropped, as in :func:`load_checkpoint`. Raises ``FileNotFoundError`` when there are no weights at
+    ``src``, and ``ValueError`` for weights it cannot read or recognise (:class:`UnsafeCheckpointError`, a
+    ``ValueError``, for a file that loading would have to run as code).
+    """
+    tensors, metadata = _read(src)
+    return CheckpointContents(tensors=tensors, metadata=metadata, format=detect_format(tensors, metadata))
+
+
 # ---------------------------------------------------------------------------- converters
 
 

@@ -129,16 +129,24 @@ class ResNetStem(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        for module in self.modules():
-            if isinstance(module, StdConv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.GroupNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-        # Each residual branch starts as the identity, as in BiT and the JAX code.
-        for module in self.modules():
-            if isinstance(module, Bottleneck):
-                nn.init.zeros_(module.norm3.weight)
+        for name, param in self.named_parameters():
+            self.init_parameter(name, param)
+
+    @torch.no_grad()
+    def init_parameter(self, name: str, tensor: torch.Tensor) -> None:
+        """BiT's initialiser of parameter ``name`` (relative to the stem) into ``tensor``, its full shape: one
+        parameter at a time, so a sharded model can initialise each whole and keep its part."""
+        owner_name, _, kind = name.rpartition(".")
+        owner = self.get_submodule(owner_name)
+        if isinstance(owner, StdConv2d):
+            nn.init.kaiming_normal_(tensor, mode="fan_out", nonlinearity="relu")
+        elif isinstance(owner, nn.GroupNorm):
+            parent_name, _, own_name = owner_name.rpartition(".")
+            # Each residual branch starts as the identity, as in BiT and the JAX code.
+            branch_end = own_name == "norm3" and isinstance(self.get_submodule(parent_name), Bottleneck)
+            (nn.init.zeros_ if kind == "bias" or branch_end else nn.init.ones_)(tensor)
+        else:
+            raise ValueError(f"no initialiser for parameter {name} of a {type(owner).__name__}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.stages(self.stem(x))

@@ -217,7 +217,11 @@ class VisionTransformer(nn.Module):
     def __init__(self, config: ViTConfig, *, device=None, dtype=None):
         super().__init__()
         self.config = config
-        factory = dict(device=device, dtype=dtype)
+        # Built on meta, then given storage and initialised once: the layers' own default initialisations would
+        # draw from the generator for values init_weights replaces, and a seed's weights would then depend on
+        # whether the model was built whole or on meta and initialised after sharding.
+        target = torch.device(device) if device is not None else torch.get_default_device()
+        factory = dict(device="meta", dtype=dtype)
         D = config.width
         self.num_prefix_tokens = config.num_prefix_tokens
         self.grid_size = config.grid_size
@@ -246,41 +250,63 @@ class VisionTransformer(nn.Module):
         )
         self.num_features = config.representation_size or D
         self.head = nn.Linear(self.num_features, config.num_classes, **factory) if config.num_classes else nn.Identity()
-        if not any(p.is_meta for p in self.parameters()):
+        if target.type != "meta":
+            self.to_empty(device=target)
             self.init_weights()
 
     # ---------------------------------------------------------------- initialisation
     @torch.no_grad()
     def init_weights(self) -> None:
-        """The JAX code's initialisers. Call after ``to_empty`` when the model was built on meta."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.normal_(module.bias, std=1e-6)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-        for block in self.blocks:
-            # Flax initialises q, k and v as three D x D kernels; keep their fan-in/fan-out.
-            for chunk in block.attn.qkv.weight.chunk(3, dim=0):
-                nn.init.xavier_uniform_(chunk)
-            if block.attn.qkv.bias is not None:
-                nn.init.zeros_(block.attn.qkv.bias)
-            nn.init.zeros_(block.attn.proj.bias)
-        # The patch projection uses Flax's default LeCun normal (truncated) initialiser.
-        proj = self.patch_embed.proj
-        _lecun_normal_(proj.weight, fan_in=proj.weight[0].numel())
-        nn.init.zeros_(proj.bias)
-        nn.init.normal_(self.pos_embed, std=0.02)
-        if self.cls_token is not None:
-            nn.init.zeros_(self.cls_token)
-        if isinstance(self.pre_logits, PreLogits):
-            _lecun_normal_(self.pre_logits.fc.weight, fan_in=self.pre_logits.fc.in_features)
-            nn.init.zeros_(self.pre_logits.fc.bias)
-        if self.stem is not None:
-            self.stem.init_weights()
-        self.reset_head()
+        """The JAX code's initialisers. Call after ``to_empty`` when the model was built on meta (and not
+        sharded: a sharded model initialises one full parameter at a time through ``init_parameter``)."""
+        for name, param in self.named_parameters():
+            self.init_parameter(name, param)
+
+    @torch.no_grad()
+    def init_parameter(self, name: str, tensor: torch.Tensor) -> None:
+        """Fill ``tensor``, the whole of parameter ``name`` (its full shape), with its initial value.
+
+        Each parameter's value depends on its name and shape alone, so an initialiser that holds one full
+        parameter at a time (to keep a shard of it) draws, in ``named_parameters`` order, exactly the weights
+        ``init_weights`` gives the same seed.
+        """
+        owner_name, _, kind = name.rpartition(".")
+        owner = self.get_submodule(owner_name)
+        if name.startswith("stem."):
+            self.stem.init_parameter(name.removeprefix("stem."), tensor)
+        elif name == "pos_embed":
+            nn.init.normal_(tensor, std=0.02)
+        elif name == "cls_token":
+            nn.init.zeros_(tensor)
+        elif owner is self.head:
+            if kind == "bias":
+                nn.init.constant_(tensor, self.config.head_bias_init)
+            elif self.config.head_zero_init:  # the paper zero-initialises the classifier (App. B.1.1)
+                nn.init.zeros_(tensor)
+            else:
+                nn.init.xavier_uniform_(tensor)
+        elif owner is self.patch_embed.proj or (isinstance(self.pre_logits, PreLogits) and owner is self.pre_logits.fc):
+            # Flax's default for these two is LeCun normal (truncated); fan-in is all but the output dimension.
+            if kind == "weight":
+                _lecun_normal_(tensor, fan_in=tensor[0].numel())
+            else:
+                nn.init.zeros_(tensor)
+        elif isinstance(owner, nn.LayerNorm):
+            (nn.init.ones_ if kind == "weight" else nn.init.zeros_)(tensor)
+        elif isinstance(owner, nn.Linear):
+            fused_qkv = owner_name.endswith("attn.qkv")
+            if kind == "weight" and fused_qkv:
+                # Flax initialises q, k and v as three D x D kernels; keep their fan-in/fan-out.
+                for chunk in tensor.chunk(3, dim=0):
+                    nn.init.xavier_uniform_(chunk)
+            elif kind == "weight":
+                nn.init.xavier_uniform_(tensor)
+            elif fused_qkv or owner_name.endswith("attn.proj"):
+                nn.init.zeros_(tensor)
+            else:
+                nn.init.normal_(tensor, std=1e-6)
+        else:
+            raise ValueError(f"no initialiser for parameter {name!r} of a {type(owner).__name__}")
 
     @torch.no_grad()
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -293,17 +319,10 @@ class VisionTransformer(nn.Module):
         if num_classes is not None and num_classes != cfg.num_classes:
             cfg.num_classes = num_classes
             ref = self.pos_embed
-            self.head = (
-                nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
-                if num_classes
-                else nn.Identity()
-            )
-        if isinstance(self.head, nn.Linear):
-            if cfg.head_zero_init:
-                nn.init.zeros_(self.head.weight)
-            else:
-                nn.init.xavier_uniform_(self.head.weight)
-            nn.init.constant_(self.head.bias, cfg.head_bias_init)
+            head = nn.Linear(self.num_features, num_classes, device="meta", dtype=ref.dtype) if num_classes else None
+            self.head = head.to_empty(device=ref.device) if head is not None else nn.Identity()
+        for kind, param in self.head.named_parameters():
+            self.init_parameter(f"head.{kind}", param)
 
     # ---------------------------------------------------------------- forward
     def _pos_embed(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:

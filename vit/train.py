@@ -1,4 +1,5 @@
-"""Optimisers, learning-rate schedules and the training step: pure functions, no Ray, no DDP.
+"""Optimisers, learning-rate schedules and the training step: pure functions, no Ray, no DDP (a data-parallel
+worker passes its contexts in).
 
 The schedule is a pure function of the step (as in nanoGPT and big_vision), so resuming from a
 checkpoint needs only the step number.
@@ -6,7 +7,10 @@ checkpoint needs only the step number.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -84,25 +88,91 @@ def classification_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
     return F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype), reduction="none").sum(-1).mean()
 
 
+class NonFiniteError(FloatingPointError):
+    """A step's loss or global gradient norm was not finite; the weights were left as they were.
+
+    ``what`` is ``"loss"`` or ``"gradient norm"``.
+    """
+
+    def __init__(self, what: str, value: float):
+        super().__init__(f"non-finite {what} {value}; stopping before the weights are corrupted")
+        self.what, self.value = what, value
+
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # images (B, C, H, W), targets: class ids (B,) or multi-hot (B, K)
+
+
 def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    images: torch.Tensor,
-    targets: torch.Tensor,
+    images: torch.Tensor | None = None,
+    targets: torch.Tensor | None = None,
     *,
     lr: float,
     grad_clip_norm: float | None = 1.0,
+    micro_batches: Iterable[Batch] | None = None,
+    accum_steps: int | None = None,
+    no_sync: Callable[[], AbstractContextManager] = contextlib.nullcontext,
+    autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext,
+    before_update: Callable[[], None] | None = None,
 ) -> dict[str, float]:
-    """One optimisation step; returns the health figures (loss, lr, gradient norm)."""
+    """One optimisation step; returns the health figures (loss, lr, global gradient norm).
+
+    One batch (``images``, ``targets``), or ``micro_batches``: ``accum_steps`` of them (default: their number),
+    whose gradients add up to those of their mean loss before the one update. The hooks make it the step of a
+    data-parallel worker without this module knowing how the model is spread:
+
+    * ``no_sync()`` is entered around the forward and backward passes of every micro-batch but the last, so
+      that only the last one reduces gradients across workers (DDP's ``no_sync``, FSDP's gradient sync off);
+    * ``autocast()`` around each forward pass and its loss (e.g. ``torch.autocast`` in bf16);
+    * ``before_update()`` once the gradients are complete, before they are clipped and applied: a worker can
+      agree with the others there on whether to go on, and raise to abandon the step.
+
+    An empty micro-batch (a worker with nothing to learn from) still runs its forward and backward passes,
+    which take part in the workers' collectives, with a zero loss. The gradient norm works with gradients
+    sharded as DTensors (FSDP2). A non-finite loss or gradient norm raises :class:`NonFiniteError` after the
+    backward passes (every worker has taken part in their collectives); it, or any exception before the
+    update, leaves the weights as they were and no gradients behind.
+    """
+    if micro_batches is None:
+        if images is None or targets is None:
+            raise TypeError("train_step needs images and targets, or micro_batches")
+        micro_batches, accum_steps = [(images, targets)], 1
+    elif accum_steps is None:
+        accum_steps = len(micro_batches)  # type: ignore[arg-type]  # an iterator needs accum_steps
     model.train()
     set_lr(optimizer, lr)
-    loss = classification_loss(model(images), targets)
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"non-finite loss {loss.item()}; stopping before the weights are corrupted")
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    params = [p for p in model.parameters() if p.grad is not None]
-    max_norm = grad_clip_norm if grad_clip_norm is not None else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    optimizer.step()
-    return {"train/loss": loss.item(), "train/lr": lr, "train/grad_norm": grad_norm.item()}
+    try:
+        loss_sum, seen = 0.0, 0
+        for inputs, labels in micro_batches:
+            last = seen == accum_steps - 1
+            with contextlib.nullcontext() if last else no_sync():
+                with autocast():
+                    logits = model(inputs)
+                    # An empty batch's loss: zero, yet connected to every parameter through the logits.
+                    loss = classification_loss(logits.float(), labels) if len(inputs) else logits.sum() * 0.0
+                (loss / accum_steps).backward()
+            loss_sum += loss.detach().float().item() if len(inputs) else 0.0
+            seen += 1
+        if seen != accum_steps:
+            raise ValueError(f"train_step: {seen} micro-batches for a step of accum_steps={accum_steps}")
+        if before_update is not None:
+            before_update()
+        params = [p for p in model.parameters() if p.grad is not None]
+        max_norm = grad_clip_norm if grad_clip_norm is not None else float("inf")
+        grad_norm = _replicated(torch.nn.utils.clip_grad_norm_(params, max_norm)).item()
+        mean_loss = loss_sum / accum_steps
+        if not math.isfinite(mean_loss):
+            raise NonFiniteError("loss", mean_loss)
+        if not math.isfinite(grad_norm):
+            raise NonFiniteError("gradient norm", grad_norm)
+        optimizer.step()
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+    return {"train/loss": mean_loss, "train/lr": lr, "train/grad_norm": grad_norm}
+
+
+def _replicated(value: torch.Tensor) -> torch.Tensor:
+    """A plain tensor of a DTensor's value: under FSDP2 the global gradient norm is one, the same on every rank."""
+    return value.full_tensor() if hasattr(value, "full_tensor") else value

@@ -79,7 +79,8 @@ def create_model(
     """Build a named variant: ``create_model("B/16", num_classes=10, img_size=384, dropout=0.1)``.
 
     ``device="meta"`` builds without allocating memory (shapes and parameter counts only, or
-    ``to_empty`` + ``init_weights`` later, e.g. after sharding).
+    ``to_empty`` + ``init_weights`` later; a sharded model fills its parameters one at a time with
+    ``init_parameter``).
     """
     config = model_config(name, num_classes=num_classes, img_size=img_size, **overrides)
     return VisionTransformer(config, device=device, dtype=dtype)

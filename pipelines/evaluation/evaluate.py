@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 import vit
@@ -69,6 +70,8 @@ MAX_CONFUSION_CLASSES = 1000  # a confusion matrix of JFT's 18k classes would be
 class EvaluationResult:
     metrics: dict[str, float]
     mlflow_run_id: str | None = None
+    top1_correct: np.ndarray | None = None  # per image, in the stream's order: what a paired comparison needs
+    labels: np.ndarray | None = None
 
 
 def run_evaluation(
@@ -85,8 +88,9 @@ def run_evaluation(
     tracker = Tracker.open(cfg.tracking)
     details: dict = {}
     metrics = evaluate_model(cfg, log, details=details)
+    per_image = {"top1_correct": details.get("top1_correct"), "labels": details.get("labels")}
     if tracker is None:
-        return EvaluationResult(metrics)
+        return EvaluationResult(metrics, **per_image)
     config = {k: v for k, v in to_dict(cfg).items() if k != "tracking"}
     key = "evaluate:" + hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
     shards = cfg.shards.rstrip("/")
@@ -115,7 +119,7 @@ def run_evaluation(
         tracker.log_dict(run_id, {"classes": classes, "counts": confusion.tolist()}, "confusion_matrix.json")
         tracker.log_figure(run_id, confusion_figure(confusion, classes), "confusion_matrix.png")
     tracker.finish(run_id)
-    return EvaluationResult(metrics, run_id)
+    return EvaluationResult(metrics, run_id, **per_image)
 
 
 def _model_label(location: str) -> str:
@@ -169,21 +173,13 @@ def evaluate_model(
     results: dict[str, float] = {}
 
     if model.config.num_classes == test.num_classes:
-        hits, total = torch.zeros(2, dtype=torch.long), 0
-        n = test.num_classes if test.num_classes <= MAX_CONFUSION_CLASSES else 0
-        confusion = torch.zeros(n, n, dtype=torch.long)
-        with torch.no_grad():
-            for images, targets in _batches(test, cfg, image_size):
-                logits = model(images)
-                hits += torch.tensor([topk_hits(logits, targets, 1), topk_hits(logits, targets, 5)])
-                total += len(images)
-                if n:
-                    primary = targets.argmax(dim=-1) if targets.ndim == 2 else targets
-                    pairs = primary * n + logits.argmax(dim=-1)
-                    confusion += torch.bincount(pairs, minlength=n * n).view_as(confusion)
-        if details is not None and n:
-            details["confusion"] = confusion
-        results.update({"eval/top1": hits[0].item() / total, "eval/top5": hits[1].item() / total, "eval/images": total})
+        scored = _score(model, _batches(test, cfg, image_size), test.num_classes)
+        if details is not None:
+            details.update(scored)
+            if not scored["confusion"].numel():
+                details.pop("confusion")
+        total = len(scored["top1_correct"])
+        results.update({"eval/top1": scored["top1"], "eval/top5": scored["top5"], "eval/images": total})
         log(f"top-1 {results['eval/top1']:.2%}  top-5 {results['eval/top5']:.2%} on {total} {cfg.split} images")
     else:
         log(f"the head has {model.config.num_classes} classes, {cfg.shards} has {test.num_classes}: few-shot only")
@@ -200,6 +196,48 @@ def evaluate_model(
         log("few-shot " + "  ".join(f"{k.split('/')[1]} {v:.2%}" for k, v in fewshot.items()))
     results["eval/seconds"] = time.perf_counter() - started
     return results
+
+
+@torch.no_grad()
+def _score(model: vit.VisionTransformer, batches, num_classes: int) -> dict:
+    """Top-1/top-5 over ``batches``, with what a paired comparison needs: each image's top-1 correctness and
+    primary label, in the stream's order (fixed for given shards and loader settings)."""
+    hits, correct, primaries = torch.zeros(2, dtype=torch.long), [], []
+    n = num_classes if num_classes <= MAX_CONFUSION_CLASSES else 0
+    confusion = torch.zeros(n, n, dtype=torch.long)
+    for images, targets in batches:
+        logits = model(images)
+        hits += torch.tensor([topk_hits(logits, targets, 1), topk_hits(logits, targets, 5)])
+        predicted = logits.argmax(dim=-1)
+        primary = targets.argmax(dim=-1) if targets.ndim == 2 else targets
+        # multi-label: the top prediction is right when it is any of the image's labels (as topk_hits counts it)
+        correct.append(targets.gather(1, predicted[:, None])[:, 0] > 0 if targets.ndim == 2 else predicted == targets)
+        primaries.append(primary)
+        if n:
+            confusion += torch.bincount(primary * n + predicted, minlength=n * n).view_as(confusion)
+    if not correct:
+        raise ValueError("no images to score")
+    total = sum(len(c) for c in correct)
+    return {
+        "top1": hits[0].item() / total,
+        "top5": hits[1].item() / total,
+        "top1_correct": torch.cat(correct).numpy(),
+        "labels": torch.cat(primaries).numpy(),
+        "confusion": confusion,
+    }
+
+
+def top1_correct(cfg: EvaluateConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Each image's top-1 correctness and primary label on ``cfg.split`` (no few-shot): a champion re-scored on
+    the challenger's evaluation set, in the same order as ``evaluate_model`` scores it with the same settings."""
+    path = local_weights(resolve_weights(cfg.model, cfg.storage_options), cfg.storage_options)
+    model = vit.load_model(path, **({"img_size": cfg.image_size} if cfg.image_size else {}))
+    model.eval()
+    test = open_shards(cfg.shards, cfg.split, cfg.storage_options)
+    if model.config.num_classes != test.num_classes:
+        raise ValueError(f"{cfg.model}: its head has {model.config.num_classes} classes, the set {test.num_classes}")
+    scored = _score(model, _batches(test, cfg, model.config.img_size), test.num_classes)
+    return scored["top1_correct"], scored["labels"]
 
 
 def _batches(shards: ShardSet, cfg: EvaluateConfig, image_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

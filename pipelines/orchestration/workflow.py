@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import posixpath
@@ -29,9 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+
 from pipelines.common.config import ConfigError, check, to_dict
 from pipelines.common.ray import init_ray
-from pipelines.common.storage import filesystem
+from pipelines.common.storage import filesystem, write_atomically
 from pipelines.data.shards import ShardConfig
 from pipelines.evaluation.evaluate import EvaluateConfig, EvaluationSettings, run_evaluation
 from pipelines.orchestration.lease import WorkdirLease
@@ -99,18 +102,23 @@ class DatasetConfig:
     shard_samples: int = ShardConfig.shard_samples  # the defaults and checks of `vit shard`'s own settings
     val_fraction: float = ShardConfig.val_fraction  # held-out share when the corpus has no split column
     synth: SynthCorpusConfig = field(default_factory=SynthCorpusConfig)  # when source is "synth"
+    # pretraining data only: drop near-duplicates of the fine-tuning evaluation images (paper, section 4.1)
+    dedup_against_eval: bool = True
     storage_options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.shard_config(src="", dst="")  # raises what `vit shard` would say of these settings
 
-    def shard_config(self, *, src: str, dst: str, storage_options: dict | None = None) -> ShardConfig:
+    def shard_config(
+        self, *, src: str, dst: str, storage_options: dict | None = None, eval_sets: Sequence[str] = ()
+    ) -> ShardConfig:
         """What `vit shard` is given for this dataset (``storage_options``: default, the dataset's own)."""
         return ShardConfig(
             src=src,
             dst=dst,
             shard_samples=self.shard_samples,
             val_fraction=self.val_fraction,
+            eval_sets=list(eval_sets),
             storage_options=self.storage_options if storage_options is None else storage_options,
         )
 
@@ -287,6 +295,26 @@ class _Runner:
             datasets = {"pretrain": self.cfg.pretrain_data, **datasets}
         return datasets
 
+    def _corpus_of(self, which: str) -> str | None:
+        """The corpus a dataset is sharded from: made by the corpus step, or its source (None: given as shards)."""
+        data = self.cfg.pretrain_data if which == "pretrain" else self.cfg.finetune_data
+        if data.source in ("synth", "digits"):
+            return self.outputs.get("corpus", {}).get(f"corpus_{which}")
+        return data.source or None
+
+    def _evaluation_images(self) -> list[str]:
+        """The fine-tuning corpus's evaluation split as a folder of images (``{corpus}/{evaluate.split}``), which
+        the pretraining data is de-duplicated against; none when the fine-tuning data has no such folder."""
+        corpus = self._corpus_of("finetune")
+        if corpus is None:
+            return []
+        folder = posixpath.join(corpus.rstrip("/"), self.cfg.evaluate.split)
+        fs, path = filesystem(folder, self._data_options("finetune"))
+        if not fs.isdir(path):
+            self.log(f"      no {self.cfg.evaluate.split}/ folder in {corpus}: not de-duplicated against it")
+            return []
+        return [folder]
+
     def _data_options(self, which: str) -> dict:
         """fsspec options for a dataset's corpus and shards: its own, else the workdir's (where they go by default).
         Always passed on explicitly: Ray workers may not share the driver's environment (credentials, endpoints)."""
@@ -369,6 +397,7 @@ class _Runner:
             return {
                 "datasets": {k: settings(d) for k, d in self._datasets().items()},
                 "corpus": self.outputs.get("corpus", {}),
+                "content": self._source_listings(),
             }
         if step == "pretrain":
             return {"config": settings(cfg.pretrain), "data": shard.get("fingerprint_pretrain")}
@@ -378,6 +407,18 @@ class _Runner:
         if step == "evaluate":
             return {"config": settings(cfg.evaluate), "model": self.outputs["finetune"].get("checkpoint")}
         return {"config": settings(cfg.register), "model": self.outputs["finetune"].get("checkpoint")}
+
+    def _source_listings(self) -> dict[str, str]:
+        """Each given corpus's content as listed (path, size, ETag/version or mtime per object; no bytes read):
+        new, changed or deleted images change the shard step's fingerprint, and so everything downstream of it.
+        Corpora the pipeline makes are fixed by their settings."""
+        from pipelines.common.storage import list_files, listing_fingerprint
+
+        listings = {}
+        for which, data in self._datasets().items():
+            if data.source and data.source not in ("synth", "digits"):
+                listings[which] = listing_fingerprint(list_files(data.source, self._data_options(which)))
+        return listings
 
     # -- the steps
 
@@ -425,7 +466,10 @@ class _Runner:
             options = self._data_options(which)
             if source:
                 self.log(f"{label}: sharding {source} with Ray Data")
-                shard_cfg = data.shard_config(src=source, dst=dst, storage_options=options)
+                eval_sets = self._evaluation_images() if which == "pretrain" and data.dedup_against_eval else []
+                if eval_sets:
+                    self.log(f"      without near-duplicates of the evaluation images in {eval_sets[0]}")
+                shard_cfg = data.shard_config(src=source, dst=dst, storage_options=options, eval_sets=eval_sets)
                 summary = shard_corpus(shard_cfg, log=lambda *_: None)
                 metrics.update({f"{which}/read": summary.read, f"{which}/written": summary.written})
                 metrics.update({f"{which}/rejected": summary.rejected, f"{which}/shards": summary.shards})
@@ -497,7 +541,15 @@ class _Runner:
             cfg.resize_size = tuned.get("resize_size")
         tags = {"vit.finetune_run_id": tuned["mlflow_run_id"]} if tuned.get("mlflow_run_id") else {}
         result = run_evaluation(cfg, log=self._indent, parent_run_id=self.parent_id, tags=tags)
-        return {"metrics": result.metrics, "mlflow_run_id": result.mlflow_run_id}
+        outputs = {"metrics": result.metrics, "mlflow_run_id": result.mlflow_run_id}
+        if result.top1_correct is not None:  # for the paired comparison with the champion when registering
+            per_image = self.path("evaluations", f"{attempt}.npz")
+            buffer = io.BytesIO()
+            np.savez(buffer, top1_correct=result.top1_correct, labels=result.labels)
+            fs, path = filesystem(per_image, self._data_options("finetune"))
+            write_atomically(fs, path, buffer.getvalue())
+            outputs["per_image"] = per_image
+        return outputs
 
     def _step_register(self, label: str, attempt: str, inputs: dict) -> dict:
         reg, tuned = self.cfg.register, self.outputs["finetune"]

@@ -1,1 +1,2 @@
-"""Figures to a registered model: the pyfunc model, registration and promotion, prediction."""
+"""Figures to a registered model: the pyfunc model (``pyfunc_model.py``), logging, registration and promotion
+(``registry.py``), loading and prediction (``predict.py``)."""

@@ -1,11 +1,11 @@
 """The registered image classifier: a ViT checkpoint behind MLflow's pyfunc interface, logged as code.
 
-``pipelines.registry.log_vit_model`` logs this file with ``python_model=<its path>`` (MLflow's "models from code"),
-so nothing is cloudpickled: loading runs this file again, in an environment that needs only mlflow, torch, numpy,
-pillow, safetensors and the ``vit`` package (shipped with the model as a code path). It must therefore import nothing
-from ``pipelines``. ``pipelines.registry.load_pyfunc`` (and so ``vit predict``) recognises such a model by its MLmodel
-file (models-from-code loader, ``model_code_path`` named after this file, no pickled ``python_model``): keep this
-file's name.
+``pipelines.registry.registry.log_vit_model`` logs this file with ``python_model=<its path>`` (MLflow's "models from
+code"), so nothing is cloudpickled: loading runs this file again, in an environment that needs only mlflow, torch,
+numpy, pillow, safetensors and the ``vit`` package (shipped with the model as a code path). It must therefore import
+nothing from ``pipelines``. ``pipelines.registry.predict.load_pyfunc`` (and so ``vit predict``) recognises such a
+model by its MLmodel file (models-from-code loader, ``model_code_path`` named after this file, no pickled
+``python_model``): keep this file's name.
 
 Artifacts: ``weights`` (a vit-platform safetensors checkpoint, which carries its config), ``classes`` (a JSON list of
 class names) and ``preprocessing`` (JSON: ``image_size``, ``resize_size``, ``multi_label``).

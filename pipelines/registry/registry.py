@@ -1,20 +1,17 @@
-"""Log a ViT as an MLflow pyfunc image classifier, register it, promote it by a metric, predict with it.
+"""Log a ViT as an MLflow pyfunc image classifier, register it, promote it by a metric, list and describe it.
 
     with mlflow.start_run() as run:
         ...                                                      # train, evaluate, log eval/top1
         log_vit_model("model.safetensors", classes, image_size=224)
     register_model(run.info.run_id, "vit-digits")                # new version, alias "challenger"
     promote("vit-digits")                                        # alias "champion", if better on eval/top1
-    predict_images("models:/vit-digits@champion", ["cat.jpg"])  # one dict per image
-    load_pyfunc("models:/vit-digits@champion")                   # the pyfunc model itself
+    list_models(); describe_model("vit-digits")                  # plain data, for people and scripts
 
 The model is logged as code (``pipelines/registry/pyfunc_model.py``) with the ``vit`` package as a code path, so it
 loads wherever torch, numpy, pillow and safetensors are installed, without this repository or any pickled class.
-``load_pyfunc`` (which ``predict_images`` and ``vit predict`` use) loads nothing else: it reads the model's MLmodel
-file first and refuses any pyfunc that is not such a model, above all a cloudpickled ``python_model``, whose
-unpickling alone could run arbitrary code.
+``pipelines.registry.predict`` loads such a model, and no other kind, to predict with it.
 
-The click commands (``vit registry list|show|promote`` and ``vit predict``) wrap these functions. mlflow, torch and
+The ``vit registry list|show|promote`` commands (``pipelines.cli.registry``) wrap these functions. mlflow, torch and
 pandas are imported inside functions so that ``vit --help`` stays fast.
 """
 
@@ -25,15 +22,11 @@ import datetime as dt
 import io
 import json
 import os
-import re
 import shutil
-import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import click
 
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
@@ -43,22 +36,17 @@ PYFUNC_MODEL_FILE = Path(__file__).with_name("pyfunc_model.py")
 CODE_MODEL_LOADER = "mlflow.pyfunc.loaders.code_model"  # the loader MLflow records for models from code
 MODEL_ARTIFACTS = ("weights", "classes", "preprocessing")  # what pyfunc_model.py's load_context reads
 # A marker in the MLmodel metadata, the model layout's version. It names the model for people and tools; it proves
-# nothing (anyone can write it), so `check_platform_model` goes by the structure of the MLmodel file instead.
+# nothing (anyone can write it), so `predict.check_platform_model` goes by the structure of the MLmodel file instead.
 PLATFORM_MARKER = "vit_platform"
 PLATFORM_FORMAT = "1"
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 METRIC_TAG_PREFIX = "metric."  # version tags holding metric values copied from the run at registration
 DEFAULT_TOP_K = 5  # the signature's default for the ``top_k`` inference parameter
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
 class RegistryError(Exception):
     """A user-facing registry error: unknown model, version, alias or metric. Its message is the whole story."""
-
-
-class ForeignModelError(RegistryError):
-    """A model of another kind than ``log_vit_model`` logs (a pickled python_model, say): refused before loading."""
 
 
 # --- logging --------------------------------------------------------------------------------------------------------
@@ -170,65 +158,6 @@ def log_vit_model(
             pip_requirements=_pip_requirements(),
             metadata={PLATFORM_MARKER: PLATFORM_FORMAT},
         )
-
-
-# --- loading --------------------------------------------------------------------------------------------------------
-
-
-def _foreign(model_uri: str, reason: str) -> ForeignModelError:
-    return ForeignModelError(
-        f"{model_uri} is not a model of this platform ({reason}); load it with mlflow directly if you trust it"
-    )
-
-
-def check_platform_model(model_uri: str, mlmodel: Any) -> None:
-    """Raise ``ForeignModelError`` unless the MLmodel (an ``mlflow.models.Model``) is one that ``log_vit_model`` logs.
-
-    What decides is what ``mlflow.pyfunc.load_model`` would do with it: load a model from code (the loader
-    ``mlflow.pyfunc.loaders.code_model`` running the file ``model_code_path`` names, which must be our
-    ``pyfunc_model.py``), with our artifacts, and no cloudpickled ``python_model``. A pickle, a flavor's own loader
-    (sklearn, pytorch, ... mostly unpickle too) or someone else's code file is refused. The metadata marker is not
-    trusted: a hostile model can carry it. This checks the kind of model, not its contents: a model from code runs
-    the ``pyfunc_model.py`` and ``vit/`` it carries, so load only models from a registry you trust.
-    """
-    import os
-
-    flavor = (mlmodel.flavors or {}).get("python_function")
-    if not isinstance(flavor, dict):
-        raise _foreign(model_uri, "it has no python_function flavor")
-    loader = flavor.get("loader_module")
-    code_file = flavor.get("model_code_path")
-    if "python_model" in flavor or (loader == "mlflow.pyfunc.model" and not code_file):
-        raise _foreign(model_uri, "its pyfunc is a pickled python_model: loading it would run arbitrary code")
-    if loader != CODE_MODEL_LOADER:
-        raise _foreign(model_uri, f"its pyfunc is loaded by {loader!r}, which may unpickle or run arbitrary code")
-    # MLflow runs the model directory's file of this base name (os.path.basename, as in mlflow.pyfunc.model).
-    name = os.path.basename(code_file) if isinstance(code_file, str) else None
-    if name != PYFUNC_MODEL_FILE.name:
-        raise _foreign(model_uri, f"its pyfunc is the code file {name!r}, not this platform's {PYFUNC_MODEL_FILE.name}")
-    if "data" in flavor:  # would make MLflow look for the code file in another directory
-        raise _foreign(model_uri, f"its pyfunc has a data directory {flavor['data']!r}")
-    missing = [a for a in MODEL_ARTIFACTS if a not in (flavor.get("artifacts") or {})]
-    if missing:
-        raise _foreign(model_uri, f"it has no artifact {', '.join(missing)}")
-
-
-def load_pyfunc(model_uri: str, *, dst_path: str | None = None) -> Any:
-    """Load a model that ``log_vit_model`` logged, as ``mlflow.pyfunc.load_model`` does, refusing any other model.
-
-    The MLmodel file alone is fetched and checked first (``check_platform_model``), so a refused model is neither
-    downloaded nor run. The check is repeated on the downloaded copy, which is what loads: an alias moved or a file
-    replaced in between cannot slip a model of another kind in. ``dst_path``: where to download (MLflow's default: a
-    temporary directory for remote stores, the store's own directory for local ones).
-    """
-    import mlflow
-    import mlflow.pyfunc
-    from mlflow.models import Model
-
-    check_platform_model(model_uri, Model.load(model_uri))
-    local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=dst_path)
-    check_platform_model(model_uri, Model.load(local))
-    return mlflow.pyfunc.load_model(local)
 
 
 # --- registry -------------------------------------------------------------------------------------------------------
@@ -486,265 +415,3 @@ def describe_model(name: str) -> dict[str, Any]:
         "updated": _time(model.last_updated_timestamp),
         "versions": versions,
     }
-
-
-# --- prediction -----------------------------------------------------------------------------------------------------
-
-
-def _input_name(value: Any, index: int) -> str:
-    return os.fspath(value) if isinstance(value, (str, os.PathLike)) else f"#{index}"
-
-
-def _object_column(values: Sequence[Any]) -> Any:
-    """A 1-d object array of the inputs: pandas would try to stack same-shaped pixel arrays into one 2-d block."""
-    import numpy as np
-
-    column = np.empty(len(values), dtype=object)
-    for i, value in enumerate(values):
-        column[i] = os.fspath(value) if isinstance(value, os.PathLike) else value
-    return column
-
-
-def predict_images(
-    model_uri: str,
-    images: Sequence[Any],
-    *,
-    batch_size: int = 64,
-    top_k: int = DEFAULT_TOP_K,
-    progress: bool = True,
-) -> list[dict[str, Any]]:
-    """Classify images (encoded bytes, file paths or uint8 arrays) with a logged or registered model.
-
-    Returns one dict per image: ``image`` (the path, or ``#i`` for in-memory input), ``label``, ``class_id``,
-    ``probability``, ``top_labels``, ``top_probabilities``. A ``ValueError`` names the image that failed to decode.
-    Only models that ``log_vit_model`` logged load (``load_pyfunc``); others raise ``ForeignModelError``.
-    """
-    import pandas as pd
-    from tqdm import tqdm
-
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    model = load_pyfunc(model_uri)
-    images = list(images)
-    names = [_input_name(x, i) for i, x in enumerate(images)]
-    results: list[dict[str, Any]] = []
-    with tqdm(total=len(images), unit="img", file=sys.stderr, disable=not progress, desc="predict") as bar:
-        for start in range(0, len(images), batch_size):
-            chunk = images[start : start + batch_size]
-            frame = pd.DataFrame({"image": _object_column(chunk)})
-            try:
-                out = model.predict(frame, params={"top_k": top_k})
-            except ValueError as err:
-                # The model numbers rows within the batch; name the input instead.
-                match = re.match(r"row (\d+): (.*)", str(err), re.DOTALL)
-                if match is None:
-                    raise
-                raise ValueError(f"{names[start + int(match[1])]}: {match[2]}") from err
-            for name, row in zip(names[start:], out.to_dict(orient="records")):
-                results.append({"image": name, **row})
-            bar.update(len(chunk))
-    return results
-
-
-# --- command line ---------------------------------------------------------------------------------------------------
-
-
-def _fail(message: str) -> None:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(2)
-
-
-tracking_uri_option = click.option(
-    "--tracking-uri",
-    envvar="MLFLOW_TRACKING_URI",
-    default=None,
-    show_envvar=True,
-    help="MLflow tracking server [MLflow's default].",
-)
-
-
-def _connect(tracking_uri: str | None) -> None:
-    """Point MLflow at the server, failing fast when it is down: MLflow's own retries take minutes to give up."""
-    import urllib.error
-    import urllib.request
-
-    import mlflow
-
-    from pipelines.tracking.tracking import TrackingConfig
-    from pipelines.tracking.tracking import tracking_uri as resolve
-
-    uri = resolve(TrackingConfig(uri=tracking_uri or ""))  # the same default as the pipeline's: ./mlflow.db
-    mlflow.set_tracking_uri(uri)
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        # MLflow would create an empty store here and report "no models": say where none was found instead.
-        _fail(
-            f"no MLflow store at {uri.removeprefix('sqlite:///')}: run this where `vit run` ran, or point "
-            "--tracking-uri (MLFLOW_TRACKING_URI) at the store or server `vit run` printed"
-        )
-    if uri.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10):
-                pass
-        except urllib.error.HTTPError:
-            pass  # it answered (perhaps asking for credentials): reachable
-        except (urllib.error.URLError, OSError) as err:
-            _fail(f"cannot reach the MLflow server at {uri}: {getattr(err, 'reason', err)}")
-
-
-def _user_errors() -> tuple[type[Exception], ...]:
-    from mlflow.exceptions import MlflowException
-
-    return (RegistryError, MlflowException, ValueError, OSError)
-
-
-def _message(err: Exception) -> str:
-    return getattr(err, "message", None) or str(err)
-
-
-def _table(rows: list[list[str]], header: list[str]) -> None:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        click.echo("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip())
-
-
-@click.group(name="registry", context_settings={"help_option_names": ["-h", "--help"]})
-def registry() -> None:
-    """Registered ViT models: list them, show their versions, promote a challenger to champion."""
-
-
-@registry.command(name="list")
-@tracking_uri_option
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per model.")
-def list_command(tracking_uri: str | None, as_json: bool) -> None:
-    """List registered models with their aliases."""
-    _connect(tracking_uri)
-    try:
-        models = list_models()
-    except _user_errors() as err:
-        _fail(_message(err))
-    if as_json:
-        for model in models:
-            click.echo(json.dumps(model))
-        return
-    if not models:
-        click.echo("no registered models")
-        return
-    rows = [
-        [m["name"], m["latest_version"] or "-", m["aliases"].get(CHAMPION, "-"), m["aliases"].get(CHALLENGER, "-")]
-        + [m["updated"] or "-"]
-        for m in models
-    ]
-    _table(rows, ["name", "latest", CHAMPION, CHALLENGER, "updated"])
-
-
-@registry.command(name="show")
-@tracking_uri_option
-@click.option("--json", "as_json", is_flag=True, help="The whole description as JSON.")
-@click.argument("name")
-def show_command(tracking_uri: str | None, as_json: bool, name: str) -> None:
-    """Show model NAME: its versions, aliases, metric values and source runs."""
-    _connect(tracking_uri)
-    try:
-        info = describe_model(name)
-    except _user_errors() as err:
-        _fail(_message(err))
-    if as_json:
-        click.echo(json.dumps(info, indent=2))
-        return
-    click.echo(f"{info['name']}  ({len(info['versions'])} versions)  {info['description']}".rstrip())
-    metrics = sorted({k for v in info["versions"] for k in v["metrics"]})
-    rows = [
-        [v["version"], ",".join(v["aliases"]) or "-"]
-        + [f"{v['metrics'][k]:.4f}" if k in v["metrics"] else "-" for k in metrics]
-        + [v["run_id"] or "-", v["created"] or "-"]
-        for v in info["versions"]
-    ]
-    _table(rows, ["version", "aliases", *metrics, "run", "created"])
-
-
-@registry.command(name="promote")
-@tracking_uri_option
-@click.option("--metric", default="eval/top1", show_default=True, help="Higher is better.")
-@click.option("--force", is_flag=True, help="Promote even if not better.")
-@click.argument("name")
-@click.argument("version", required=False)
-def promote_command(tracking_uri: str | None, metric: str, force: bool, name: str, version: str | None) -> None:
-    """Make VERSION (default: the challenger) of model NAME the champion if it beats the current one on --metric.
-
-    Exits 0 whether or not it was promoted (the decision is printed); 2 on errors.
-    """
-    _connect(tracking_uri)
-    try:
-        result = promote(name, version, metric=metric, force=force)
-    except _user_errors() as err:
-        _fail(_message(err))
-    verb = "promoted" if result.promoted else "kept"
-    subject = f"version {result.version}" if result.promoted else f"version {result.previous_champion} as {CHAMPION}"
-    click.echo(f"{verb} {subject}: {result.reason}")
-
-
-def _expand(paths: Sequence[str]) -> list[str]:
-    """Files as given; directories to their image files (sorted, not recursive)."""
-    files: list[str] = []
-    for path in paths:
-        if os.path.isdir(path):
-            files.extend(
-                str(p) for p in sorted(Path(path).iterdir()) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-            )
-        elif os.path.isfile(path):
-            files.append(path)
-        else:
-            _fail(f"no such file: {path}")
-    return files
-
-
-@click.command(name="predict", context_settings={"help_option_names": ["-h", "--help"]})
-@tracking_uri_option
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
-@click.option(
-    "--top-k",
-    default=DEFAULT_TOP_K,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="The k best labels of each image, with their probabilities (in the table and in --json).",
-)
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per image.")
-@click.argument("model_uri")
-@click.argument("images", nargs=-1, required=True)
-def predict(
-    tracking_uri: str | None, batch_size: int, top_k: int, as_json: bool, model_uri: str, images: tuple[str, ...]
-) -> None:
-    """Classify IMAGES (files or directories of them) with MODEL_URI, e.g. models:/vit-digits@champion.
-
-    Only models that this platform logged load: any other MLflow model (a pickled python_model above all) is refused
-    before any of its code runs. The table shows, per image, the best label and its probability, then the other
-    labels of the top k with theirs, as columns label2 p2, label3 p3, ...
-    """
-    files = _expand(images)
-    if not files:
-        _fail("no images found")
-    _connect(tracking_uri)
-    try:
-        results = predict_images(model_uri, files, batch_size=batch_size, top_k=top_k, progress=not as_json)
-    except _user_errors() as err:
-        _fail(_message(err))
-    if as_json:
-        for row in results:
-            click.echo(json.dumps(row))
-        return
-    _table(*_prediction_table(results))
-
-
-def _prediction_table(results: list[dict[str, Any]]) -> tuple[list[list[str]], list[str]]:
-    """Rows and header for ``vit predict``: image, label, probability, then ``label<r> p<r>`` for ranks 2..k."""
-    ranks = max((len(r["top_labels"]) for r in results), default=1)
-    header = ["image", "label", "probability"]
-    for rank in range(2, ranks + 1):
-        header += [f"label{rank}", f"p{rank}"]
-    rows = []
-    for r in results:
-        row = [r["image"], r["label"], f"{r['probability']:.4f}"]
-        for label, probability in zip(list(r["top_labels"])[1:], list(r["top_probabilities"])[1:]):
-            row += [str(label), f"{probability:.4f}"]
-        rows.append(row + ["-"] * (len(header) - len(row)))
-    return rows, header

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import posixpath
 import tempfile
 import time
@@ -24,7 +23,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 import vit
 from pipelines.common.config import from_dict
@@ -33,18 +31,17 @@ from pipelines.common.storage import filesystem
 from pipelines.data.stream import ShardsError, ShardSet, StreamSpec, make_loader, open_shards
 from pipelines.tracking.tracking import LiveMetrics, LiveTarget, metrics_of
 from pipelines.training.config import CONFIGS, TrainConfig
+from pipelines.training.parallel import spread_model
 from pipelines.training.progress import RankZeroProgress
 from pipelines.training.weights import (
     COMMITTED_FILE,
     MODEL_FILE,
-    build_model,
     checkpoint_step,
     latest_committed_checkpoint,
 )
 from vit.data import build_transform, normalize
 from vit.evaluate import topk_hits
-from vit.model import VisionTransformer
-from vit.train import build_optimizer, classification_loss, lr_at, set_lr
+from vit.train import NonFiniteError, build_optimizer, lr_at, train_step
 
 # Ray Train sends its workers' log records (INFO and up) to the driver; print() would be shown twice.
 log = logging.getLogger(__name__)
@@ -61,6 +58,15 @@ PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e1
 
 class _DataErrorStop(Exception):
     """Raised on every rank at once, after they agreed that one of them met a data error."""
+
+
+@dataclass
+class _Fed:
+    """What a step's micro-batches brought: images, undecodable samples, and this rank's data error if any."""
+
+    images: int = 0
+    bad: int = 0
+    data_error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -98,12 +104,10 @@ def train_worker(plan_dict: dict) -> dict:
 class _Loop:
     def __init__(self, cfg: TrainConfig, plan: TrainingPlan, *, rank: int, world: int, device: torch.device):
         self.cfg, self.plan, self.rank, self.world, self.device = cfg, plan, rank, world, device
-        self.bf16 = cfg.scale.precision == "bf16" or (cfg.scale.precision == "auto" and device.type == "cuda")
-        torch.manual_seed(cfg.seed)  # every rank builds the same initial weights
-        self.model = build_model(cfg, plan.num_classes, plan.multi_label)
-        self.model.to(device)
+        torch.manual_seed(cfg.seed)  # every rank draws the same initial weights
+        self.parallel = spread_model(cfg, plan.num_classes, plan.multi_label, rank=rank, world=world, device=device)
+        self.model, self.wrapped, self.bf16 = self.parallel.model, self.parallel.wrapped, self.parallel.bf16
         self.flops_per_image = self.model.flops_per_image()
-        self.wrapped = self._parallelize(self.model)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.ema = [p.detach().clone() for p in self.model.parameters()] if cfg.ema_decay else None
         self.step = 0
@@ -114,28 +118,6 @@ class _Loop:
         self.progress = RankZeroProgress(plan.progress if rank == 0 else None)
 
     # -- setup
-
-    def _parallelize(self, model: VisionTransformer) -> nn.Module:
-        scale = self.cfg.scale
-        if scale.activation_checkpointing:
-            model.set_grad_checkpointing(True)
-        if scale.compile:
-            for block in model.blocks:
-                block.compile()
-        if self.world == 1:
-            return model
-        if scale.strategy == "fsdp":
-            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if self.bf16 else None
-            kwargs = {"mp_policy": policy} if policy else {}
-            for block in model.blocks:  # one all-gather per block, overlapped with the previous block's compute
-                fully_shard(block, **kwargs)
-            fully_shard(model, **kwargs)
-            return model
-        from torch.nn.parallel import DistributedDataParallel
-
-        return DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda" else None)
 
     def _loader(self, split: str, *, train: bool, start_batch: int = 0):
         cfg, plan = self.cfg, self.plan
@@ -235,59 +217,55 @@ class _Loop:
         return self.step * self.cfg.batch_size / max(1, self.plan.train_samples)
 
     def _train_step(self, batches: Iterator, lr: float, window: _Window) -> dict[str, float] | None:
-        """One optimizer step over ``accum_steps`` micro-batches; None when the gradients are not finite."""
-        model, optimizer, accum = self.wrapped, self.optimizer, self.plan.accum_steps
-        set_lr(optimizer, lr)
-        model.train()
-        loss_sum, images_seen, bad = 0.0, 0, 0
-        data_error = None
-        for micro in range(accum):
-            started = time.perf_counter()
-            if data_error is None:
-                try:
-                    images, targets, n_bad = next(batches)
-                except ShardsError as err:  # this rank's shard is damaged; the others learn it below
-                    data_error = _data_error_message(err)
-            if data_error is not None:  # still take part in this step's collectives, with nothing to learn from
-                size = self.cfg.data.image_size
-                images, targets, n_bad = torch.zeros(0, 3, size, size, dtype=torch.uint8), torch.zeros(0), 0
-            window.data_seconds += time.perf_counter() - started
-            images = normalize(images.to(self.device, non_blocking=True))
-            targets = targets.to(self.device, non_blocking=True)
-            last = micro == accum - 1
-            with self._no_sync(not last), self._autocast():
-                logits = model(images)
-                if len(images):
-                    loss = classification_loss(logits.float(), targets)
-                else:  # every sample of this micro-batch was undecodable: still take part in the collectives
-                    loss = logits.sum() * 0.0
-            (loss / accum).backward()
-            loss_sum += loss.detach().float().item() if len(images) else 0.0
-            images_seen += len(images)
-            bad += n_bad
-        data_error = self._agree_on_data_error(data_error)
-        if data_error is not None:
-            optimizer.zero_grad(set_to_none=True)
-            raise _DataErrorStop(data_error)
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        clip = self.cfg.optim.grad_clip_norm
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else float("inf"))
-        grad_norm = _local(grad_norm).item()
-        if not math.isfinite(grad_norm) or not math.isfinite(loss_sum):
-            optimizer.zero_grad(set_to_none=True)
-            window.last_reason = f"non-finite {'gradient norm' if math.isfinite(loss_sum) else 'loss'}"
+        """One optimizer step over ``accum_steps`` micro-batches; None when the loss or gradients are not finite."""
+        fed = _Fed()
+        try:
+            metrics = train_step(
+                self.wrapped,
+                self.optimizer,
+                lr=lr,
+                grad_clip_norm=self.cfg.optim.grad_clip_norm,
+                micro_batches=self._micro_batches(batches, window, fed),
+                accum_steps=self.plan.accum_steps,
+                no_sync=self.parallel.no_sync,
+                autocast=self.parallel.autocast,
+                before_update=lambda: self._stop_on_data_error(fed.data_error),
+            )
+        except NonFiniteError as err:  # every rank sees the same global gradient norm, so all stop here
+            window.last_reason = f"non-finite {err.what}"
             return None
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             with torch.no_grad():
                 for avg, p in zip(self.ema, self.model.parameters()):
                     avg.lerp_(p.detach(), 1.0 - self.cfg.ema_decay)
-        window.images += images_seen
-        window.bad += bad
-        window.loss += loss_sum / accum
+        window.images += fed.images
+        window.bad += fed.bad
+        window.loss += metrics["train/loss"]
         window.steps += 1
-        return {"train/loss": loss_sum / accum, "train/lr": lr, "train/grad_norm": grad_norm}
+        return metrics
+
+    def _micro_batches(self, batches: Iterator, window: _Window, fed: _Fed) -> Iterator[tuple[torch.Tensor, ...]]:
+        """A step's micro-batches on the device. After a data error this rank goes on with empty ones: it must
+        still take part in the step's collectives, and learns nothing; the ranks agree on the error afterwards."""
+        for _ in range(self.plan.accum_steps):
+            started = time.perf_counter()
+            if fed.data_error is None:
+                try:
+                    images, targets, n_bad = next(batches)
+                except ShardsError as err:  # this rank's shard is damaged; the others learn it before the update
+                    fed.data_error = _data_error_message(err)
+            if fed.data_error is not None:
+                size = self.cfg.data.image_size
+                images, targets, n_bad = torch.zeros(0, 3, size, size, dtype=torch.uint8), torch.zeros(0), 0
+            window.data_seconds += time.perf_counter() - started
+            fed.images += len(images)
+            fed.bad += n_bad
+            yield normalize(images.to(self.device, non_blocking=True)), targets.to(self.device, non_blocking=True)
+
+    def _stop_on_data_error(self, reason: str | None) -> None:
+        reason = self._agree_on_data_error(reason)
+        if reason is not None:
+            raise _DataErrorStop(reason)
 
     def _agree_on_data_error(self, reason: str | None) -> str | None:
         """Whether any rank met a data error, and the lowest such rank's message, known to every rank: one
@@ -306,22 +284,6 @@ class _Loop:
             message[: len(data)] = torch.tensor(list(data), dtype=torch.uint8)
         dist.broadcast(message, src=source)
         return bytes(message.cpu().tolist()).rstrip(b"\0").decode(errors="replace")
-
-    def _no_sync(self, skip_sync: bool):
-        """Gradient accumulation: only the last micro-batch of a step reduces gradients across workers."""
-        if self.world == 1 or not skip_sync:
-            if self.cfg.scale.strategy == "fsdp" and self.world > 1:
-                self.model.set_requires_gradient_sync(True)
-            return contextlib.nullcontext()
-        if self.cfg.scale.strategy == "fsdp":
-            self.model.set_requires_gradient_sync(False)
-            return contextlib.nullcontext()
-        return self.wrapped.no_sync()
-
-    def _autocast(self):
-        if not self.bf16:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     def _diverged(self, reason: str) -> dict:
         if self.rank == 0:
@@ -365,7 +327,7 @@ class _Loop:
         return {f"eval/top{k}": counts[i].item() / total for i, k in enumerate(ks)} | {"eval/images": total}
 
     def _eval_forward(self, images: torch.Tensor) -> torch.Tensor:
-        with self._autocast():
+        with self.parallel.autocast():
             return self.wrapped(normalize(images.to(self.device, non_blocking=True)))
 
     def _comm_device(self) -> torch.device:
@@ -490,11 +452,8 @@ class _Loop:
 
     def _full_weights(self) -> dict[str, torch.Tensor]:
         """The whole model on rank 0's CPU (the averaged weights when Polyak averaging is on)."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
         with self._ema_weights():
-            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            return get_model_state_dict(self.model, options=options)
+            return self.parallel.full_weights()
 
 
 class _Window:
@@ -549,11 +508,6 @@ def _data_error_message(err: ShardsError) -> str:
     lines = [line for line in str(err).strip().splitlines() if line.strip()]
     last = lines[-1] if lines else type(err).__name__
     return last.split("Error: ", 1)[1] if last.startswith(("pipelines.", "ShardsError", "ShardReadError")) else last
-
-
-def _local(value: torch.Tensor) -> torch.Tensor:
-    """A DTensor's value (FSDP's global gradient norm is replicated on every rank)."""
-    return value.full_tensor() if hasattr(value, "full_tensor") else value
 
 
 def _peak_flops(device: torch.device) -> float | None:

@@ -8,6 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
+
 import vit
 from pipelines.common.config import ConfigError
 from pipelines.common.storage import filesystem
@@ -20,12 +22,9 @@ COMMITTED_FILE = "COMMITTED"  # written once every rank's part of a checkpoint i
 
 def build_model(cfg: TrainConfig, num_classes: int, multi_label: bool) -> VisionTransformer:
     """The model of ``cfg``: fresh, or from ``init_from`` with a new zero head and resampled E_pos."""
-    sigmoid = cfg.loss == "sigmoid" or (cfg.loss == "auto" and multi_label)
-    overrides: dict[str, Any] = {"img_size": cfg.data.image_size, "num_classes": num_classes}
-    overrides["head_bias_init"] = -10.0 if sigmoid else 0.0  # big_vision's start for sigmoid pretraining
-    overrides.update(cfg.model_args)
     if cfg.init_from is None:
-        return vit.create_model(cfg.model, **{**_representation(cfg, cfg.model), **overrides})
+        return VisionTransformer(fresh_model_config(cfg, num_classes, multi_label))
+    overrides = _overrides(cfg, num_classes, multi_label)
     path = local_weights(resolve_weights(cfg.init_from, cfg.storage_options), cfg.storage_options)
     if cfg.model is None:
         # The variant of the weights: ours carry their config, released ones (.npz, timm, Hugging Face) show it in
@@ -39,6 +38,40 @@ def build_model(cfg: TrainConfig, num_classes: int, multi_label: bool) -> Vision
         vit.load_checkpoint(model, path)
     model.reset_head()  # the paper replaces the whole head by a zero-initialised one
     return model
+
+
+def fresh_model_config(cfg: TrainConfig, num_classes: int, multi_label: bool) -> vit.ViTConfig:
+    """The config of the model ``build_model`` builds when ``init_from`` is null."""
+    overrides = _overrides(cfg, num_classes, multi_label)
+    return vit.model_config(cfg.model, **{**_representation(cfg, cfg.model), **overrides})
+
+
+def pretrained_weights(
+    cfg: TrainConfig, num_classes: int, multi_label: bool
+) -> tuple[vit.ViTConfig, dict[str, torch.Tensor]]:
+    """``init_from``'s weights as ``build_model`` starts from them, without building the model: the config of
+    the model they go into and its tensors under its names (E_pos resampled), the head left out (it starts
+    afresh). For a caller that builds the model sharded and loads these into the shards."""
+    overrides = _overrides(cfg, num_classes, multi_label)
+    path = local_weights(resolve_weights(cfg.init_from, cfg.storage_options), cfg.storage_options)
+    # On the meta device the loaded tensors are assigned, not copied: the holder costs no memory of its own.
+    if cfg.model is None:
+        try:
+            holder = vit.load_model(path, device="meta", **{"representation_size": None, **overrides})
+        except vit.UnknownVariantError as err:
+            raise _unknown_variant(cfg, err) from None
+    else:
+        holder = vit.create_model(cfg.model, device="meta", **{**_representation(cfg, cfg.model), **overrides})
+        vit.load_checkpoint(holder, path)
+    return holder.config, {k: v for k, v in holder.state_dict().items() if not k.startswith("head.")}
+
+
+def _overrides(cfg: TrainConfig, num_classes: int, multi_label: bool) -> dict[str, Any]:
+    sigmoid = cfg.loss == "sigmoid" or (cfg.loss == "auto" and multi_label)
+    overrides: dict[str, Any] = {"img_size": cfg.data.image_size, "num_classes": num_classes}
+    overrides["head_bias_init"] = -10.0 if sigmoid else 0.0  # big_vision's start for sigmoid pretraining
+    overrides.update(cfg.model_args)
+    return overrides
 
 
 def init_model_config(cfg: TrainConfig) -> vit.ViTConfig:

@@ -140,3 +140,49 @@ def test_shard_settings_are_checked_before_ray_starts(tmp_path):
         assert result.returncode == 2 and f"error: {message}" in result.stderr, result.stderr
         assert "Traceback" not in result.stderr and "Ray" not in result.stdout + result.stderr
     assert not (tmp_path / "shards").exists()
+
+
+def test_every_command_answers_help_and_lives_in_the_module_of_its_group():
+    from pipelines.cli import main
+
+    modules = {name: command.callback.__module__ for name, command in main.commands.items()}
+    assert modules == {
+        **dict.fromkeys(["run", "pretrain", "finetune", "evaluate", "show-config"], "pipelines.cli.pipeline"),
+        **dict.fromkeys(["corpus", "shard"], "pipelines.cli.data"),
+        **dict.fromkeys(["models", "convert"], "pipelines.cli.models"),
+        **dict.fromkeys(["submit", "jobs"], "pipelines.cli.jobs"),
+        **dict.fromkeys(["registry", "predict"], "pipelines.cli.registry"),
+        "schedule": "pipelines.cli.schedule",
+    }
+    for name in ["", *modules]:
+        result = run(*name.split(), "--help")
+        assert result.returncode == 0 and result.stdout.startswith("Usage: vit"), (name, result.stderr)
+
+
+def test_one_error_helper_prints_error_lines_on_stderr_and_exits_2_unless_told_otherwise():
+    import click
+    from click.testing import CliRunner
+
+    from pipelines.cli.errors import fail, failing_on
+
+    @click.command()
+    @click.argument("what")
+    @failing_on(KeyError, describe=lambda err: f"no key {err.args[0]}")
+    def command(what: str) -> None:
+        if what == "key":
+            raise KeyError("k")
+        if what == "step":
+            fail("the step broke\nrun the same command again", exit_code=1)
+        if what == "bug":
+            raise RuntimeError("not the user's to fix")
+        fail(f"{what}: no such thing")
+
+    runner = CliRunner()
+    result = runner.invoke(command, ["key"])
+    assert (result.exit_code, result.stdout, result.stderr) == (2, "", "error: no key k\n")
+    result = runner.invoke(command, ["nothing"])
+    assert (result.exit_code, result.stderr) == (2, "error: nothing: no such thing\n")
+    result = runner.invoke(command, ["step"])
+    assert (result.exit_code, result.stderr) == (1, "error: the step broke\nrun the same command again\n")
+    result = runner.invoke(command, ["bug"])
+    assert isinstance(result.exception, RuntimeError)  # not a user error: passed through, with its traceback

@@ -27,7 +27,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from pipelines.orchestration import jobs
+from pipelines.cli import jobs as jobs_cli
+from pipelines.orchestration import jobs, package
 from pipelines.orchestration.jobs import JobsError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -43,7 +44,7 @@ def _free_port() -> int:
 
 def _cli(*args: str) -> tuple[int, str]:
     """Run ``vit submit`` (when the first word is ``submit``) or ``vit jobs ...``; return (exit code, all output)."""
-    command = jobs.submit if args[0] == "submit" else jobs.jobs
+    command = jobs_cli.submit if args[0] == "submit" else jobs_cli.jobs
     result = CliRunner().invoke(command, list(args[1:] if args[0] == "submit" else args))
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception
@@ -64,10 +65,10 @@ def _assert_user_error(code: int, output: str, *fragments: str) -> None:
 
 def test_the_entrypoint_reads_the_config_from_the_environment_and_quotes_overrides():
     overrides = ["train.steps=3", "name=two words", "x=$(touch /tmp/pwned)"]
-    command = jobs.pipeline_entrypoint("configs/big.yaml", overrides)
+    command = package.pipeline_entrypoint("configs/big.yaml", overrides)
     assert command.startswith("python -m pipelines.cli run env:VIT_PIPELINE_YAML ")
     assert shlex.split(command)[5:] == overrides  # the shell gives the command exactly the words we meant
-    assert jobs.pipeline_entrypoint(None, ["a=1"]) == "python -m pipelines.cli run a=1"
+    assert package.pipeline_entrypoint(None, ["a=1"]) == "python -m pipelines.cli run a=1"
 
 
 def test_the_runtime_env_ships_the_config_text_and_endpoints_but_no_credentials(tmp_path, monkeypatch):
@@ -81,7 +82,7 @@ def test_the_runtime_env_ships_the_config_text_and_endpoints_but_no_credentials(
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIA-do-not-ship")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret-do-not-ship")
 
-    runtime_env = jobs.pipeline_runtime_env(
+    runtime_env = package.pipeline_runtime_env(
         str(config), working_dir=str(tmp_path), requirements=str(requirements), env={"VIT_EXTRA": "1"}
     )
     assert runtime_env["working_dir"] == str(tmp_path.resolve())
@@ -94,7 +95,7 @@ def test_the_runtime_env_ships_the_config_text_and_endpoints_but_no_credentials(
     }
     assert "do-not-ship" not in repr(runtime_env)
     assert runtime_env["pip"] == ["requests>=2", "tqdm"]
-    assert "VIT_PIPELINE_YAML" not in jobs.pipeline_runtime_env(None, working_dir=str(tmp_path)).get("env_vars", {})
+    assert "VIT_PIPELINE_YAML" not in package.pipeline_runtime_env(None, working_dir=str(tmp_path)).get("env_vars", {})
 
 
 def test_a_config_with_credentials_ships_without_them_and_says_how_the_cluster_gets_its_own(tmp_path, monkeypatch):
@@ -106,7 +107,7 @@ def test_a_config_with_credentials_ships_without_them_and_says_how_the_cluster_g
         f"pretrain_data: {{source: s3://bucket/corpus, storage_options: {{token: {secret}}}}}\n"
         "tracking: {uri: 'http://mlflow.internal:5000'}\n"
     )
-    runtime_env = jobs.pipeline_runtime_env(str(config), working_dir=str(tmp_path))
+    runtime_env = package.pipeline_runtime_env(str(config), working_dir=str(tmp_path))
     shipped = yaml.safe_load(runtime_env["env_vars"]["VIT_PIPELINE_YAML"])
     assert "do-not-ship" not in repr(runtime_env)
     assert shipped["storage_options"] == {"client_kwargs": {"endpoint_url": "http://minio:9000"}}
@@ -175,17 +176,17 @@ def test_bad_inputs_fail_before_anything_is_sent(tmp_path):
 
 
 def test_a_working_dir_over_rays_upload_limit_is_refused_with_its_largest_entries(tmp_path, monkeypatch):
-    monkeypatch.setattr(jobs, "MAX_PACKAGE_BYTES", 10_000)
+    monkeypatch.setattr(package, "MAX_PACKAGE_BYTES", 10_000)
     (tmp_path / "code.py").write_text("print('hi')\n")
     (tmp_path / ".git").mkdir()
     (tmp_path / ".git" / "pack").write_bytes(b"x" * 50_000)  # excluded: does not count
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "ckpt.bin").write_bytes(b"x" * 50_000)  # excluded: does not count
-    assert jobs.package_size(str(tmp_path)) == (1, len("print('hi')\n"))
+    assert package.package_size(str(tmp_path)) == (1, len("print('hi')\n"))
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "images.bin").write_bytes(b"x" * 20_000)
     with pytest.raises(JobsError, match=r"over Ray's limit.*largest: data 0\.0 MiB.*\.rayignore"):
-        jobs.package_size(str(tmp_path))
+        package.package_size(str(tmp_path))
 
 
 def test_the_upload_estimate_follows_ignore_files_in_every_folder_as_rays_walk_does(tmp_path, monkeypatch):
@@ -214,9 +215,9 @@ def test_the_upload_estimate_follows_ignore_files_in_every_folder_as_rays_walk_d
         "other/secret-notes.txt",
     }
     size = sum((tmp_path / p).stat().st_size for p in counted)
-    assert jobs.package_size(str(tmp_path)) == (len(counted), size)
+    assert package.package_size(str(tmp_path)) == (len(counted), size)
     monkeypatch.setenv("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "1")  # Ray's switch: .gitignore no longer applies
-    assert jobs.package_size(str(tmp_path)) == (len(counted) + 1, size + 10)  # logs/run.log (/build: ours too)
+    assert package.package_size(str(tmp_path)) == (len(counted) + 1, size + 10)  # logs/run.log (/build: ours too)
 
 
 def test_the_default_address_is_the_environments_dashboard_url_or_the_local_one(monkeypatch):

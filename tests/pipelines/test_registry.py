@@ -30,18 +30,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 import vit
+from pipelines.cli import registry as registry_cli
 from pipelines.registry import registry
-from pipelines.registry.registry import (
-    ForeignModelError,
-    RegistryError,
-    check_platform_model,
-    describe_model,
-    list_models,
-    load_pyfunc,
-    log_vit_model,
-    predict_images,
-    promote,
-)
+from pipelines.registry.predict import ForeignModelError, check_platform_model, load_pyfunc, predict_images
+from pipelines.registry.registry import RegistryError, describe_model, list_models, log_vit_model, promote
 from vit.data import build_transform, normalize
 
 IMAGE_SIZE = 32
@@ -385,23 +377,23 @@ def test_mlflow_models_serve_answers_base64_images(champion, digits, reference, 
 
 def test_cli_lists_shows_promotes_and_predicts(tracking, champion, image_files, reference, log_run):
     runner = CliRunner()
-    listed = runner.invoke(registry.registry, ["list"])
+    listed = runner.invoke(registry_cli.registry, ["list"])
     assert listed.exit_code == 0, listed.output
     assert any(line.split()[:3] == [champion, "1", "1"] for line in listed.stdout.splitlines())
 
-    shown = runner.invoke(registry.registry, ["show", champion])
+    shown = runner.invoke(registry_cli.registry, ["show", champion])
     assert shown.exit_code == 0, shown.output
     assert "challenger,champion" in shown.stdout and "0.9000" in shown.stdout
 
     name = _unique("vit-cli")
     registry.register_model(log_run(0.3), name)
-    promoted = runner.invoke(registry.registry, ["promote", name, "--metric", "eval/top1"])
+    promoted = runner.invoke(registry_cli.registry, ["promote", name, "--metric", "eval/top1"])
     assert promoted.exit_code == 0 and promoted.stdout.startswith("promoted version 1"), promoted.output
     registry.register_model(log_run(0.2), name)
-    kept = runner.invoke(registry.registry, ["promote", name])
+    kept = runner.invoke(registry_cli.registry, ["promote", name])
     assert kept.exit_code == 0 and kept.stdout.startswith("kept version 1 as champion: not better"), kept.output
 
-    table = runner.invoke(registry.predict, [f"models:/{champion}@champion", *image_files[:4]])
+    table = runner.invoke(registry_cli.predict, [f"models:/{champion}@champion", *image_files[:4]])
     assert table.exit_code == 0, table.output
     lines = table.stdout.splitlines()  # the progress bar goes to stderr
     assert lines[0].split()[:5] == ["image", "label", "probability", "label2", "p2"]  # the default top 5
@@ -409,7 +401,7 @@ def test_cli_lists_shows_promotes_and_predicts(tracking, champion, image_files, 
     assert [line.split()[1] for line in lines[1:]] == [CLASSES[i] for i in reference.argmax(-1)[:4].tolist()]
 
     as_json = runner.invoke(
-        registry.predict, [f"models:/{champion}@champion", str(Path(image_files[0]).parent), "--json"]
+        registry_cli.predict, [f"models:/{champion}@champion", str(Path(image_files[0]).parent), "--json"]
     )
     assert as_json.exit_code == 0, as_json.output
     rows = [json.loads(line) for line in as_json.stdout.splitlines()]
@@ -425,14 +417,14 @@ def test_cli_user_errors_exit_2_without_a_traceback(tracking, champion, image_fi
         f"no registered model '{champion}x'": ["show", f"{champion}x"],
     }
     for message, args in cases.items():
-        result = runner.invoke(registry.registry, args)
+        result = runner.invoke(registry_cli.registry, args)
         assert result.exit_code == 2 and message in result.stderr and "Traceback" not in result.output, result.output
-    missing = runner.invoke(registry.predict, [f"models:/{champion}@champion", "/no/such/image.png"])
+    missing = runner.invoke(registry_cli.predict, [f"models:/{champion}@champion", "/no/such/image.png"])
     assert missing.exit_code == 2 and missing.stderr == "error: no such file: /no/such/image.png\n"
-    unknown = runner.invoke(registry.predict, [f"models:/{champion}@nobody", image_files[0]])
+    unknown = runner.invoke(registry_cli.predict, [f"models:/{champion}@nobody", image_files[0]])
     assert unknown.exit_code == 2 and unknown.stderr.startswith("error:"), unknown.output
     try:
-        down = runner.invoke(registry.registry, ["list", "--tracking-uri", f"http://127.0.0.1:{_free_port()}"])
+        down = runner.invoke(registry_cli.registry, ["list", "--tracking-uri", f"http://127.0.0.1:{_free_port()}"])
         assert down.exit_code == 2 and down.stderr.startswith("error: cannot reach the MLflow server"), down.output
     finally:
         mlflow.set_tracking_uri(tracking)
@@ -441,7 +433,7 @@ def test_cli_user_errors_exit_2_without_a_traceback(tracking, champion, image_fi
 def test_the_prediction_table_shows_the_top_k_labels_of_each_image(tracking, champion, image_files, reference):
     runner = CliRunner()
     uri = f"models:/{champion}@champion"
-    table = runner.invoke(registry.predict, [uri, *image_files[:4], "--top-k", "3"])
+    table = runner.invoke(registry_cli.predict, [uri, *image_files[:4], "--top-k", "3"])
     assert table.exit_code == 0, table.output
     lines = table.stdout.splitlines()
     assert lines[0].split() == ["image", "label", "probability", "label2", "p2", "label3", "p3"]
@@ -453,9 +445,9 @@ def test_the_prediction_table_shows_the_top_k_labels_of_each_image(tracking, cha
         assert cells[1::2] == [CLASSES[i] for i in ids], line  # best first
         assert [float(p) for p in cells[2::2]] == pytest.approx(probabilities, abs=1e-4), line
 
-    one = runner.invoke(registry.predict, [uri, image_files[0], "--top-k", "1"])
+    one = runner.invoke(registry_cli.predict, [uri, image_files[0], "--top-k", "1"])
     assert one.exit_code == 0 and one.stdout.splitlines()[0].split() == ["image", "label", "probability"]
-    every = runner.invoke(registry.predict, [uri, image_files[0], "--top-k", "50"])  # at most every class
+    every = runner.invoke(registry_cli.predict, [uri, image_files[0], "--top-k", "50"])  # at most every class
     assert every.exit_code == 0 and every.stdout.splitlines()[0].split()[-2:] == ["label10", "p10"], every.output
 
 
@@ -527,7 +519,7 @@ def test_predict_refuses_a_pickled_python_model_and_runs_none_of_it(
         f"{uri} is not a model of this platform (its pyfunc is a pickled python_model: loading it would run "
         "arbitrary code); load it with mlflow directly if you trust it"
     )
-    refused = CliRunner().invoke(registry.predict, [uri, image_files[0]])
+    refused = CliRunner().invoke(registry_cli.predict, [uri, image_files[0]])
     assert refused.exit_code == 2, refused.output
     assert refused.stderr.splitlines()[-1] == f"error: {message}" and "Traceback" not in refused.output
     with pytest.raises(ForeignModelError) as error:
@@ -537,7 +529,7 @@ def test_predict_refuses_a_pickled_python_model_and_runs_none_of_it(
         load_pyfunc(uri)
     assert not sentinel.exists()
 
-    ours = CliRunner().invoke(registry.predict, [f"models:/{champion}@champion", image_files[0]])
+    ours = CliRunner().invoke(registry_cli.predict, [f"models:/{champion}@champion", image_files[0]])
     assert ours.exit_code == 0, ours.output
     # The control: MLflow itself loads it, and that runs the pickle's code.
     mlflow.pyfunc.load_model(uri)
@@ -579,7 +571,7 @@ def test_predict_refuses_other_code_and_other_flavors(
     flat = np.stack(digits["arrays"])[..., 0].reshape(NUM_IMAGES, -1)
     fitted = LogisticRegression(max_iter=50).fit(flat, digits["targets"])
     other = _register_run_model(experiment, lambda: mlflow.sklearn.log_model(fitted, name="model"))
-    refused = CliRunner().invoke(registry.predict, [other, image_files[0]])
+    refused = CliRunner().invoke(registry_cli.predict, [other, image_files[0]])
     assert refused.exit_code == 2, refused.output
     assert "is not a model of this platform (its pyfunc is loaded by 'mlflow.sklearn'" in refused.stderr
 

@@ -746,6 +746,33 @@ def test_file_objects_and_detection():
     assert detect_format(params) == "npz"
 
 
+def test_read_checkpoint_gives_format_class_count_and_the_files_tensors_without_building_a_model(tmp_path):
+    model = tiny(num_classes=7)
+    vit.save_checkpoint(model, tmp_path / "ours.safetensors")
+    _hf_folder(model, tmp_path / "hf")
+    torch.save({"state_dict": {"module." + k: v for k, v in model.state_dict().items()}}, tmp_path / "train.pth.tar")
+    params, _ = random_npz_params(classes=3)
+    np.savez(tmp_path / "w.npz", **params)
+    names = ("ours.safetensors", "hf", "train.pth.tar", "w.npz")
+    found = {name: vit.read_checkpoint(tmp_path / name) for name in names}
+    assert {name: (c.format, c.num_classes) for name, c in found.items()} == {
+        "ours.safetensors": ("vit", 7),
+        "hf": ("hf", 7),
+        "train.pth.tar": ("timm", 7),
+        "w.npz": ("npz", 3),
+    }
+    assert "head.weight" in found["train.pth.tar"].tensors  # unwrapped, its DDP prefix dropped
+    assert "Transformer/encoder_norm/scale" in found["w.npz"].tensors  # the file's names, not converted to ours
+    assert vit.read_checkpoint(tiny(num_classes=0).state_dict()).num_classes == 0
+    again = tiny(num_classes=7)
+    vit.load_checkpoint(again, found["hf"].tensors)  # what was read loads as it is: the file is read once
+    torch.testing.assert_close(again.head.weight, model.head.weight)
+    with pytest.raises(FileNotFoundError):
+        vit.read_checkpoint(tmp_path / "absent.pth")
+    with pytest.raises(ValueError, match="unrecognised checkpoint format"):
+        vit.read_checkpoint({"foo.weight": torch.zeros(1)})
+
+
 def test_bicubic_resampling_on_load():
     src = tiny()
     dst = tiny(img_size=48)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 
 import vit
 from vit.evaluate import topk_accuracy
-from vit.train import OptimConfig, build_optimizer, classification_loss, lr_at, train_step
+from vit.train import NonFiniteError, OptimConfig, build_optimizer, classification_loss, lr_at, train_step
 
 
 def test_warmup_then_cosine_and_linear():
@@ -58,9 +59,84 @@ def test_non_finite_loss_stops_before_the_update():
     opt = build_optimizer(model, OptimConfig())
     before = model.patch_embed.proj.weight.clone()
     x = torch.full((2, 3, 16, 16), float("nan"))
-    with pytest.raises(FloatingPointError, match="non-finite loss"):
+    with pytest.raises(FloatingPointError, match="non-finite loss") as err:
         train_step(model, opt, x, torch.tensor([0, 1]), lr=1e-3)
+    assert isinstance(err.value, NonFiniteError) and err.value.what == "loss"
     assert torch.equal(model.patch_embed.proj.weight, before)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def _tiny(seed: int = 0):
+    torch.manual_seed(seed)
+    model = vit.create_model("Mu/8", img_size=16, num_classes=4)
+    return model, build_optimizer(model, OptimConfig(lr=1e-2))
+
+
+def test_two_accumulated_micro_batches_make_the_step_of_their_concatenation():
+    x, y = torch.randn(8, 3, 16, 16), torch.arange(8) % 4
+    whole, whole_opt = _tiny()
+    one = train_step(whole, whole_opt, x, y, lr=1e-2)
+    accumulated, accumulated_opt = _tiny()
+    micro = [(x[:4], y[:4]), (x[4:], y[4:])]
+    two = train_step(accumulated, accumulated_opt, lr=1e-2, micro_batches=iter(micro), accum_steps=2)
+    assert two["train/loss"] == pytest.approx(one["train/loss"], rel=1e-6)
+    assert two["train/grad_norm"] == pytest.approx(one["train/grad_norm"], rel=1e-5)
+    for (name, a), b in zip(whole.named_parameters(), accumulated.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+    with pytest.raises(ValueError, match="1 micro-batches for a step of accum_steps=2"):
+        train_step(accumulated, accumulated_opt, lr=1e-2, micro_batches=iter(micro[:1]), accum_steps=2)
+
+
+def test_no_sync_holds_all_but_the_last_micro_batch_and_autocast_each_forward():
+    model, opt = _tiny()
+    events = []
+
+    def recorder(name):
+        @contextlib.contextmanager
+        def context():
+            events.append(f"{name}(")
+            yield
+            events.append(f"){name}")
+
+        return context
+
+    model.register_forward_hook(lambda *_: events.append("forward"))
+    model.head.weight.register_hook(lambda grad: events.append("backward"))
+    micro = [(torch.randn(2, 3, 16, 16), torch.tensor([0, 1]))] * 3
+    train_step(
+        model,
+        opt,
+        lr=1e-2,
+        micro_batches=micro,
+        no_sync=recorder("no_sync"),
+        autocast=recorder("autocast"),
+        before_update=lambda: events.append("before_update"),
+    )
+    held = ["no_sync(", "autocast(", "forward", ")autocast", "backward", ")no_sync"]
+    assert events == [*held, *held, "autocast(", "forward", ")autocast", "backward", "before_update"]
+
+
+def test_before_update_can_abandon_the_step_leaving_the_weights():
+    model, opt = _tiny()
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def refuse():
+        raise RuntimeError("another worker met a damaged shard")
+
+    with pytest.raises(RuntimeError, match="damaged shard"):
+        train_step(model, opt, torch.randn(2, 3, 16, 16), torch.tensor([0, 1]), lr=1e-2, before_update=refuse)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_an_empty_micro_batch_takes_part_with_a_zero_loss():
+    x, y = torch.randn(4, 3, 16, 16), torch.arange(4)
+    model, opt = _tiny()
+    with torch.no_grad():
+        alone = classification_loss(model(x), y).item()
+    metrics = train_step(model, opt, lr=1e-2, micro_batches=[(x, y), (x[:0], y[:0])])
+    assert metrics["train/loss"] == pytest.approx(alone / 2, rel=1e-5)
+    assert math.isfinite(metrics["train/grad_norm"]) and metrics["train/grad_norm"] > 0
 
 
 def test_topk_accuracy():

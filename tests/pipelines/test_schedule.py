@@ -1,0 +1,180 @@
+"""`vit schedule` against a real Prefect server on 127.0.0.1 and a real worker (`vit schedule serve`), as a user
+runs it: every command through the `vit` console script."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytest.importorskip("prefect", reason="the [schedule] extra")  # installed by `make test` (the test extra)
+
+VIT = str(Path(sys.executable).parent / "vit")
+
+
+@pytest.fixture(scope="module")
+def prefect_env(tmp_path_factory, unused_port):
+    """A Prefect server of our own (its store in a temporary PREFECT_HOME) and the environment that points at it."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = unused_port()
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_ALLOW_EPHEMERAL_MODE": "false",
+    }
+    env.pop("MLFLOW_TRACKING_URI", None)
+    log = open(home / "server.log", "wb")  # noqa: SIM115  (for the server's lifetime)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2):
+                break
+        except OSError:
+            assert server.poll() is None and time.monotonic() < deadline, (home / "server.log").read_text()[-3000:]
+            time.sleep(0.5)
+    yield env
+    os.killpg(server.pid, signal.SIGTERM)
+    server.wait(timeout=60)
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def worker(prefect_env, tmp_path_factory):
+    """`vit schedule serve`: the process that fires the schedules (here: a worker on the team's server)."""
+    log_path = tmp_path_factory.mktemp("worker") / "serve.log"
+    with open(log_path, "wb") as log:
+        serve = subprocess.Popen(
+            [VIT, "schedule", "serve"], env=prefect_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        yield log_path
+        os.killpg(serve.pid, signal.SIGTERM)
+        serve.wait(timeout=60)
+
+
+def vit(env: dict, *args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([VIT, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def schedules(env: dict) -> dict[str, dict]:
+    result = vit(env, "schedule", "list", "--json")
+    assert result.returncode == 0, result.stderr
+    return {s["name"]: s for s in map(json.loads, result.stdout.splitlines())}
+
+
+def test_add_list_pause_resume_remove_and_the_mistakes_refused(prefect_env, tmp_path):
+    result = vit(prefect_env, "schedule", "add", "weekly", "local", "workdir=/tmp/x", "--cron", "0 3 * * 0",
+                 "--timezone", "Europe/Berlin", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "schedule weekly: 0 3 * * 0 (Europe/Berlin)" in result.stdout
+    listed = schedules(prefect_env)["weekly"]
+    assert listed["cron"] == "0 3 * * 0" and listed["timezone"] == "Europe/Berlin" and not listed["paused"]
+    assert listed["config"] == "local" and listed["overrides"] == ["workdir=/tmp/x"]
+    assert listed["directory"] == str(tmp_path) and listed["last_firing"] is None
+
+    text = vit(prefect_env, "schedule", "list").stdout
+    assert "weekly  [active]  0 3 * * 0 (Europe/Berlin)" in text and "last firing  never" in text
+
+    assert vit(prefect_env, "schedule", "pause", "weekly").returncode == 0
+    assert schedules(prefect_env)["weekly"]["paused"] and schedules(prefect_env)["weekly"]["next_firing"] is None
+    assert vit(prefect_env, "schedule", "resume", "weekly").returncode == 0
+    assert not schedules(prefect_env)["weekly"]["paused"]
+
+    mistakes = [
+        (["weekly", "local", "--cron", "0 3 * * 0"], "schedule 'weekly' exists"),
+        (["other", "local", "--cron", "61 * * * *"], "--cron '61 * * * *': not a cron expression"),
+        (
+            ["other", "local", "--cron", "0 3 * * *", "--timezone", "Mars/Base"],
+            "--timezone 'Mars/Base': not an IANA time zone",
+        ),
+        (["other", "nope.yaml", "--cron", "0 3 * * *"], "config 'nope.yaml': no such file"),
+        (["other", "local", "pretrain=null", "--cron", "0 3 * * *"], "finetune.init_from: with no pretrain step"),
+        (
+            ["other", "local", "storage_options.secret=x", "--cron", "0 3 * * *"],
+            "override storage_options.secret: a credential; it would be stored in the scheduler",
+        ),
+    ]
+    for args, message in mistakes:
+        result = vit(prefect_env, "schedule", "add", *args)
+        assert result.returncode == 2 and f"error: {message}" in result.stderr, (args, result.stderr)
+    assert set(schedules(prefect_env)) == {"weekly"}
+
+    assert vit(prefect_env, "schedule", "remove", "weekly").returncode == 0
+    result = vit(prefect_env, "schedule", "remove", "weekly")
+    assert result.returncode == 2 and "no schedule 'weekly'" in result.stderr
+    assert schedules(prefect_env) == {}
+
+
+def test_without_a_scheduler_the_commands_say_how_to_start_one(prefect_env, tmp_path, unused_port):
+    env = {k: v for k, v in prefect_env.items() if k != "PREFECT_API_URL"}
+    env |= {"VIT_SCHEDULE_PORT": str(unused_port()), "XDG_DATA_HOME": str(tmp_path)}
+    result = vit(env, "schedule", "list")
+    assert result.returncode == 2 and "start `vit schedule serve`" in result.stderr and "127.0.0.1" in result.stderr
+
+
+def test_render_writes_the_same_schedule_as_a_raycronjob_without_credentials(prefect_env, tmp_path):
+    config = tmp_path / "pipeline.yaml"
+    config.write_text("workdir: s3://bucket/vit\nstorage_options:\n  key: AKIA\n  secret: s3cr3t\n")
+    result = vit(prefect_env, "schedule", "add", "nightly", str(config), "finetune.steps=1000", "--cron", "30 2 * * *")
+    assert result.returncode == 0, result.stderr
+    vit(prefect_env, "schedule", "pause", "nightly")
+    out = tmp_path / "cron.yaml"
+    result = vit(prefect_env, "schedule", "render", "nightly", "--target", "kuberay", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    config_map, cron_job = list(yaml.safe_load_all(out.read_text()))
+    assert cron_job["kind"] == "RayCronJob" and cron_job["spec"]["schedule"] == "30 2 * * *"
+    assert cron_job["spec"]["timeZone"] == "UTC" and cron_job["spec"]["concurrencyPolicy"] == "Forbid"
+    assert cron_job["spec"]["suspend"] is True  # paused here, suspended there
+    entrypoint = cron_job["spec"]["jobTemplate"]["entrypoint"]
+    assert entrypoint == "python -m pipelines.cli run /etc/vit/pipeline.yaml finetune.steps=1000"
+    shipped = yaml.safe_load(config_map["data"]["pipeline.yaml"])
+    assert shipped["workdir"] == "s3://bucket/vit" and "s3cr3t" not in out.read_text() and "AKIA" not in out.read_text()
+    vit(prefect_env, "schedule", "remove", "nightly")
+
+
+def test_a_firing_runs_the_pipeline_then_costs_seconds_when_nothing_changed_and_skips_a_busy_workdir(
+    prefect_env, worker, tmp_path
+):
+    from test_released_weights import TINY, odd_model, write_npz
+
+    from pipelines.orchestration.lease import WorkdirLease
+
+    npz = write_npz(odd_model(representation_size=24), tmp_path / "ViT-tiny.npz")
+    workdir = tmp_path / "work"
+    overrides = [*TINY, "pretrain=null", f"finetune.init_from={npz}", "workdir=work", "tracking.enabled=false"]
+    result = vit(prefect_env, "schedule", "add", "tiny", "local", *overrides, "--cron", "0 0 1 1 *", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+
+    first = vit(prefect_env, "schedule", "run", "tiny", "--wait", "--timeout", "600", timeout=660)
+    assert first.returncode == 0 and ": Completed: ran corpus, shard, finetune, evaluate, register" in first.stdout, (
+        first.stdout + first.stderr + worker.read_text()[-3000:]
+    )
+    assert (workdir / "pipeline" / "finetune.json").exists()  # `workdir=work` resolved where the schedule was added
+
+    started = time.monotonic()
+    again = vit(prefect_env, "schedule", "run", "tiny", "--wait", "--timeout", "300")
+    assert again.returncode == 0 and "Completed: ran nothing (every step cached)" in again.stdout, again.stdout
+    assert time.monotonic() - started < 120
+
+    with WorkdirLease(str(workdir), log=lambda _: None):  # someone runs the pipeline by hand meanwhile
+        busy = vit(prefect_env, "schedule", "run", "tiny", "--wait", "--timeout", "300")
+    assert busy.returncode == 0 and "Cancelled: skipped: workdir" in busy.stdout and f"pid {os.getpid()}" in busy.stdout
+    listed = schedules(prefect_env)["tiny"]
+    assert listed["last_state"] == "Cancelled" and "in use by" in listed["last_message"]
+    vit(prefect_env, "schedule", "remove", "tiny")
