@@ -44,6 +44,7 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python bench/model.py
 	$(BIN)/python bench/shard.py
 	$(BIN)/python bench/train.py
+	$(BIN)/python bench/memory.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache *.egg-info

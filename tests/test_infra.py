@@ -13,7 +13,7 @@ import yaml
 
 from pipelines.cli import main
 from pipelines.common.config import load_config
-from pipelines.orchestration.workflow import PipelineConfig
+from pipelines.orchestration.config import PipelineConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 

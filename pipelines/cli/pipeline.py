@@ -7,7 +7,6 @@ they live together.
 
 from __future__ import annotations
 
-import os
 import time
 
 import click
@@ -21,7 +20,15 @@ from pipelines.common.config import ConfigError, dump_config, load_config
 @click.argument("overrides", nargs=-1)
 @click.option("--from", "start_from", default=None, help="Re-run this step and every later one, even if done.")
 @click.option("--only", default=None, help="Re-run only this step, on the others' cached outputs.")
-def run_command(config: str | None, overrides: tuple[str, ...], start_from: str | None, only: str | None) -> None:
+@click.option(
+    "--break-lock",
+    is_flag=True,
+    help="Take the workdir from the run holding it (only when you know that run is gone: a dead one's lease "
+    "expires by itself).",
+)
+def run_command(
+    config: str | None, overrides: tuple[str, ...], start_from: str | None, only: str | None, break_lock: bool
+) -> None:
     """The whole pipeline: corpus -> shard -> pretrain -> finetune -> evaluate -> register.
 
     CONFIG is a YAML file, or the name of one shipped with the package (``local``, ``jft-b16``); default: the
@@ -32,35 +39,23 @@ def run_command(config: str | None, overrides: tuple[str, ...], start_from: str 
 
     OVERRIDES are dotted settings, e.g. ``pretrain.steps=600 finetune.optim.lr=0.05 workdir=/tmp/demo``.
     """
-    from pipelines.orchestration.workflow import (
-        LOCAL_CONFIG,
-        PipelineConfig,
-        StepFailedError,
-        find_config,
-        run_pipeline,
-    )
+    from pipelines.orchestration.config import load_pipeline_config
+    from pipelines.orchestration.lease import LeaseLostError, WorkdirBusyError
+    from pipelines.orchestration.workflow import StepFailedError, run_pipeline
     from pipelines.tracking.tracking import TrackingError
 
     if config is not None and "=" in config and not config.startswith("env:"):
         config, overrides = None, (config, *overrides)
     try:
-        if config is not None and config.startswith("env:"):
-            text = os.environ.get(config.removeprefix("env:"))
-            if text is None:
-                raise ConfigError(f"{config}: the environment variable is not set")
-            cfg = load_config(PipelineConfig, overrides=overrides, text=text)
-        elif config is not None and find_config(config) is None:
-            raise ConfigError(f"{config}: no such config file (nor a shipped one: {_shipped_configs()})")
-        else:
-            cfg = load_config(PipelineConfig, find_config(config) if config else LOCAL_CONFIG, overrides)
+        cfg = load_pipeline_config(config, overrides)
     except ConfigError as err:
         fail(str(err))
     started = time.perf_counter()
     try:
-        result = run_pipeline(cfg, start_from=start_from, only=only, log=click.echo)
-    except (ConfigError, TrackingError) as err:
+        result = run_pipeline(cfg, start_from=start_from, only=only, break_lock=break_lock, log=click.echo)
+    except (ConfigError, TrackingError, WorkdirBusyError) as err:
         fail(str(err))
-    except StepFailedError as err:  # exit 1, not 2: the settings were fine, a step failed while running
+    except (StepFailedError, LeaseLostError) as err:  # exit 1, not 2: the settings were fine; the run stopped
         fail(f"{err}\nThe step's state is kept: run the same command again to resume it.", exit_code=1)
     out = result.outputs
     metrics = out.get("evaluate", {}).get("metrics", {})
@@ -90,12 +85,6 @@ def run_command(config: str | None, overrides: tuple[str, ...], start_from: str 
         else:
             click.echo(f"browse             mlflow ui --backend-store-uri {result.tracking_uri} --port 5000")
             click.echo("                   then open http://127.0.0.1:5000")
-
-
-def _shipped_configs() -> str:
-    from pipelines.orchestration.workflow import CONFIGS_DIR
-
-    return ", ".join(sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml")))
 
 
 def _train_command(recipe: str, config_path: str | None, overrides: tuple[str, ...], address: str | None) -> None:
@@ -186,7 +175,7 @@ def evaluate(config_path: str | None, overrides: tuple[str, ...]) -> None:
 def show_config(kind: str, overrides: tuple[str, ...]) -> None:
     """Print a job's resolved config as YAML (defaults plus OVERRIDES)."""
     from pipelines.evaluation.evaluate import EvaluateConfig
-    from pipelines.orchestration.workflow import LOCAL_CONFIG, PipelineConfig
+    from pipelines.orchestration.config import LOCAL_CONFIG, PipelineConfig
     from pipelines.training.config import CONFIGS
 
     kinds = {"pipeline": PipelineConfig, "evaluate": EvaluateConfig, **CONFIGS}

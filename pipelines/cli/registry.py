@@ -132,6 +132,11 @@ def show_command(tracking_uri: str | None, as_json: bool, name: str) -> None:
         for v in info["versions"]
     ]
     _table(rows, ["version", "aliases", *metrics, "run", "created"])
+    decided = [v for v in info["versions"] if "promotion.decision" in v["tags"]]
+    if decided:
+        click.echo("\npromotion decisions (paired on the same evaluation images):")
+        for v in decided:
+            click.echo(f"  version {v['version']}: {v['tags']['promotion.decision']}: {v['tags']['promotion.reason']}")
 
 
 @registry.command(name="promote")

@@ -94,7 +94,7 @@ def _config_text(config_path: str) -> str:
             raise JobsError(f"config {config_path}: the environment variable {name} is not set")
         text = os.environ[name]
     else:
-        from pipelines.orchestration.workflow import find_config
+        from pipelines.orchestration.config import find_config
 
         path = find_config(config_path)
         if path is None:
@@ -186,7 +186,7 @@ def check_results_reachable(config_text: str | None, overrides: Sequence[str], e
     """Refuse a pipeline whose results would land in the job's temporary copy of the working dir on the cluster,
     where nobody can open them afterwards: a relative workdir, or a local MLflow store by default."""
     from pipelines.common.config import ConfigError, load_config
-    from pipelines.orchestration.workflow import LOCAL_CONFIG, PipelineConfig
+    from pipelines.orchestration.config import LOCAL_CONFIG, PipelineConfig
 
     try:
         if config_text is None:

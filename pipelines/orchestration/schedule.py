@@ -114,8 +114,9 @@ def pipeline_flow(
 
 
 def _fire_here(config: str | None, overrides: list[str], say: Callable[[str], None]):
+    from pipelines.orchestration.config import load_pipeline_config
     from pipelines.orchestration.lease import WorkdirBusyError
-    from pipelines.orchestration.workflow import load_pipeline_config, run_pipeline
+    from pipelines.orchestration.workflow import run_pipeline
 
     cfg = load_pipeline_config(config, overrides)
     started = time.perf_counter()
@@ -130,8 +131,8 @@ def _fire_here(config: str | None, overrides: list[str], say: Callable[[str], No
 
 
 def _fire_on_cluster(config: str | None, overrides: list[str], address: str, say: Callable[[str], None]):
+    from pipelines.orchestration.config import find_config
     from pipelines.orchestration.jobs import job_logs, submit_pipeline, wait_for_job
-    from pipelines.orchestration.workflow import find_config
 
     path = None
     if config is not None:
@@ -182,7 +183,7 @@ def add_schedule(
 
     from pipelines.common.config import apply_overrides
     from pipelines.common.redaction import secret_fields
-    from pipelines.orchestration.workflow import find_config, load_pipeline_config
+    from pipelines.orchestration.config import find_config, load_pipeline_config
 
     if not name or "/" in name:
         raise ScheduleError(f"schedule name {name!r}: give a name without '/'")
@@ -341,8 +342,8 @@ def render_kuberay(name: str, *, image: str = "vit-platform:latest", gpu_nodes: 
     on Kubernetes they come from the ``vit-s3`` Secret)."""
     import yaml
 
+    from pipelines.orchestration.config import find_config
     from pipelines.orchestration.package import config_without_secrets
-    from pipelines.orchestration.workflow import find_config
 
     info = get_schedule(name)
     config_text = ""

@@ -25,145 +25,34 @@ import json
 import os
 import posixpath
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from pipelines.common.config import ConfigError, check, to_dict
+from pipelines.common.config import ConfigError, to_dict
 from pipelines.common.ray import init_ray
 from pipelines.common.storage import filesystem, write_atomically
-from pipelines.data.shards import ShardConfig
 from pipelines.evaluation.evaluate import EvaluateConfig, EvaluationSettings, run_evaluation
+from pipelines.orchestration.config import DatasetConfig, PipelineConfig
 from pipelines.orchestration.lease import WorkdirLease
-from pipelines.tracking.tracking import Tracker, TrackingConfig
-from pipelines.training.config import FinetuneConfig, PretrainConfig
+from pipelines.tracking.tracking import Tracker
 from pipelines.training.driver import run_training
-
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"  # package data: there after a plain `pip install .`
-LOCAL_CONFIG = CONFIGS_DIR / "local.yaml"
-
-
-def find_config(name: str) -> Path | None:
-    """A config file: ``name`` as a path, else a config shipped with the package (``local``, ``jft-b16``)."""
-    if Path(name).is_file():
-        return Path(name)
-    shipped = CONFIGS_DIR / (name if name.endswith(".yaml") else f"{name}.yaml")
-    return shipped if "/" not in name and shipped.is_file() else None
-
-
-def shipped_configs() -> str:
-    return ", ".join(sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml")))
-
-
-def load_pipeline_config(config: str | None, overrides: Sequence[str] = ()) -> PipelineConfig:
-    """The pipeline config as `vit run CONFIG OVERRIDES...` reads it: a YAML file, a shipped config's name
-    (``local``, ``jft-b16``), ``env:NAME`` (YAML in an environment variable: how `vit submit` hands it to a Ray
-    Job), or ``None``: the embedded local demo. Every command and the scheduler read configs here, so a mistake
-    gets the same words everywhere."""
-    from pipelines.common.config import load_config
-
-    if config is not None and config.startswith("env:"):
-        text = os.environ.get(config.removeprefix("env:"))
-        if text is None:
-            raise ConfigError(f"{config}: the environment variable is not set")
-        return load_config(PipelineConfig, overrides=overrides, text=text)
-    path = find_config(config) if config is not None else LOCAL_CONFIG
-    if path is None:
-        raise ConfigError(f"{config}: no such config file (nor a shipped one: {shipped_configs()})")
-    return load_config(PipelineConfig, path, overrides)
-
 
 STEPS = ("corpus", "shard", "pretrain", "finetune", "evaluate", "register")
 Step = Literal["corpus", "shard", "pretrain", "finetune", "evaluate", "register"]
 
 
+# Settings that change how a step runs or reports, not what it makes: a change re-runs nothing.
+_NOT_IN_FINGERPRINT = (
+    "tracking", "name", "storage_path", "storage_options", "loader_workers", "log_every", "rerun_on_new_data",
+)  # fmt: skip
+
+
 class StepFailedError(RuntimeError):
     """A step raised; its state says so, and the next run of the pipeline picks it up again."""
-
-
-@dataclass(kw_only=True)
-class SynthCorpusConfig:
-    images: int = 6000
-    classes: int = 10
-    image_size: int = 32
-    label_noise: float = 0.1
-    seed: int = 0
-
-
-@dataclass(kw_only=True)
-class DatasetConfig:
-    """A dataset of the pipeline: the corpus to shard and where its shards go."""
-
-    source: str = ""  # a corpus `vit shard` reads (path or URL); "synth" or "digits": made by the pipeline
-    shards: str = ""  # default: {workdir}/shards/{pretrain|finetune}
-    shard_samples: int = ShardConfig.shard_samples  # the defaults and checks of `vit shard`'s own settings
-    val_fraction: float = ShardConfig.val_fraction  # held-out share when the corpus has no split column
-    synth: SynthCorpusConfig = field(default_factory=SynthCorpusConfig)  # when source is "synth"
-    # pretraining data only: drop near-duplicates of the fine-tuning evaluation images (paper, section 4.1)
-    dedup_against_eval: bool = True
-    storage_options: dict = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.shard_config(src="", dst="")  # raises what `vit shard` would say of these settings
-
-    def shard_config(
-        self, *, src: str, dst: str, storage_options: dict | None = None, eval_sets: Sequence[str] = ()
-    ) -> ShardConfig:
-        """What `vit shard` is given for this dataset (``storage_options``: default, the dataset's own)."""
-        return ShardConfig(
-            src=src,
-            dst=dst,
-            shard_samples=self.shard_samples,
-            val_fraction=self.val_fraction,
-            eval_sets=list(eval_sets),
-            storage_options=self.storage_options if storage_options is None else storage_options,
-        )
-
-
-@dataclass(kw_only=True)
-class RegisterConfig:
-    model_name: str = "vit"  # the registered model: models:/NAME@champion
-    metric: str = "eval/top1"  # what a challenger must beat the champion on (higher is better)
-    promote: bool = True  # make the new version champion when it wins
-
-
-@dataclass(kw_only=True)
-class PipelineConfig:
-    name: str = "vit"  # the pipeline's MLflow run is named after it
-    workdir: str = "runs/pipeline"  # corpora, shards, runs and the steps' state: a path or s3://...
-    storage_options: dict = field(default_factory=dict)  # fsspec options for workdir
-    pretrain_data: DatasetConfig = field(default_factory=lambda: DatasetConfig(source="synth"))
-    finetune_data: DatasetConfig = field(default_factory=lambda: DatasetConfig(source="digits"))
-    pretrain: PretrainConfig | None = field(default_factory=PretrainConfig)  # null: fine-tune finetune.init_from
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    evaluate: EvaluationSettings = field(default_factory=EvaluationSettings)
-    register: RegisterConfig = field(default_factory=RegisterConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    lease_seconds: float = 120.0  # a run holds the workdir; a holder silent this long is taken for dead
-
-    def __post_init__(self) -> None:
-        """What spans sections (each section checks its own fields when built): here, so that `vit run`,
-        `vit submit` and a schedule refuse the same mistake with the same words, before any work."""
-        check(
-            self.pretrain is not None or bool(self.finetune.init_from),
-            "finetune.init_from: with no pretrain step, fine-tuning needs weights to start from",
-        )
-        for section in ("pretrain_data", "finetune_data"):
-            data: DatasetConfig = getattr(self, section)
-            if section == "pretrain_data" and self.pretrain is None:
-                continue
-            check(
-                bool(data.source or data.shards),
-                f"{section}.source: give a corpus to shard (or synth/digits), or existing shards",
-            )
-        check(bool(self.register.model_name), "register.model_name: the registered model needs a name")
-        check(
-            self.lease_seconds >= 5,
-            f"lease_seconds: must be at least 5 (heartbeats come every quarter), got {self.lease_seconds}",
-        )
 
 
 @dataclass
@@ -351,7 +240,7 @@ class _Runner:
         attempt = state.get("attempt", fingerprint) if resume else _attempt_name(fingerprint, state, forced)
         if resume:
             self.log(f"{label}: resuming the attempt that stopped ({state.get('error') or 'the process ended'})")
-        state = {"step": step, "fingerprint": fingerprint, "attempt": attempt, "status": "running"}
+        state = {"step": step, "fingerprint": fingerprint, "attempt": attempt, "status": "running", "inputs": inputs}
         state["started"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         self.save_state(step, state)
         started = time.perf_counter()
@@ -386,7 +275,7 @@ class _Runner:
 
         def settings(section) -> dict:
             data = to_dict(section)
-            for noise in ("tracking", "name", "storage_path", "storage_options", "loader_workers", "log_every"):
+            for noise in _NOT_IN_FINGERPRINT:
                 data.pop(noise, None)
             return data
 
@@ -400,7 +289,16 @@ class _Runner:
                 "content": self._source_listings(),
             }
         if step == "pretrain":
-            return {"config": settings(cfg.pretrain), "data": shard.get("fingerprint_pretrain")}
+            inputs = {"config": settings(cfg.pretrain), "data": shard.get("fingerprint_pretrain")}
+            earlier = self.load_state("pretrain")
+            reusable = earlier.get("status") == "done" and earlier.get("inputs", {}).get("config") == inputs["config"]
+            if reusable and not cfg.pretrain.rerun_on_new_data and earlier["inputs"]["data"] != inputs["data"]:
+                self.log(
+                    "pretrain: the pretraining data changed since the last pretraining with these settings; reusing "
+                    "it (pretrain.rerun_on_new_data is false: pretraining is the expensive step)"
+                )
+                inputs["data"] = earlier["inputs"]["data"]
+            return inputs
         if step == "finetune":
             start = self.outputs.get("pretrain", {}).get("checkpoint") or cfg.finetune.init_from
             return {"config": settings(cfg.finetune), "data": shard.get("fingerprint_finetune"), "from": start}
@@ -583,14 +481,58 @@ class _Runner:
         self.log(f"{label}: {reg.model_name} version {version.version} ({reg.metric} {metrics.get(reg.metric, 0):.4g})")
         outputs = {"model_name": reg.model_name, "version": str(version.version), "promoted": False}
         if reg.promote:
-            decision = promote(reg.model_name, str(version.version), metric=reg.metric)
+            evidence = self._paired_comparison(str(version.version))
+            decision = promote(reg.model_name, str(version.version), metric=reg.metric, evidence=evidence)
             outputs["promoted"] = bool(decision.promoted)
+            outputs["promotion"] = {"reason": decision.reason, **(decision.evidence or {})}
             self.log(f"      {'champion' if decision.promoted else 'not promoted'}: {decision.reason}")
         self._child_run("register", f"register {reg.model_name} v{version.version}", inputs, {}, tags={
             "vit.model_name": reg.model_name, "vit.model_version": str(version.version),
             "vit.finetune_run_id": run_id,
         })  # fmt: skip
         return outputs
+
+    def _paired_comparison(self, challenger_version: str):
+        """The champion re-scored on the challenger's evaluation images, paired image by image with the
+        challenger's own scores (``pipelines.evaluation.compare``); None when there is nothing to compare on
+        evidence (no champion yet, it is this version, a metric other than eval/top1, or no per-image scores)."""
+        import tempfile
+
+        from pipelines.evaluation.compare import paired_bootstrap
+        from pipelines.evaluation.evaluate import top1_correct
+        from pipelines.registry.registry import champion_weights
+
+        reg, evaluated = self.cfg.register, self.outputs["evaluate"]
+        if reg.metric != "eval/top1" or not evaluated.get("per_image"):
+            return None
+        fs, path = filesystem(evaluated["per_image"], self._data_options("finetune"))
+        with fs.open(path, "rb") as f:
+            scores = np.load(io.BytesIO(f.read()), allow_pickle=False)
+            challenger, labels = scores["top1_correct"], scores["labels"]
+        with tempfile.TemporaryDirectory(prefix="vit-champion-") as tmp:
+            found = champion_weights(reg.model_name, tmp)
+            if found is None or found[0] == challenger_version:
+                return None
+            version, weights, preprocessing = found
+            cfg = EvaluateConfig(
+                **{f.name: getattr(self.cfg.evaluate, f.name) for f in dataclasses.fields(EvaluationSettings)},
+                model=str(weights),
+                shards=self.outputs["shard"]["shards_finetune"],
+                storage_options=self._data_options("finetune"),
+            )
+            cfg.image_size, cfg.resize_size = preprocessing.get("image_size"), preprocessing.get("resize_size")
+            self.log(f"      re-scoring the {reg.model_name} champion (version {version}) on the same images")
+            try:
+                champion, champion_labels = top1_correct(cfg)
+            except ValueError as err:  # e.g. a head for other classes: it cannot be scored on this set
+                self.log(f"      the champion cannot be scored on this set ({err}): compared by metric alone")
+                return None
+        if not np.array_equal(labels, champion_labels):
+            raise RuntimeError("the champion was scored on other images than the challenger: no fair comparison")
+        return paired_bootstrap(
+            champion, challenger, confidence=reg.confidence, min_improvement=reg.min_improvement,
+            resamples=reg.resamples,
+        )  # fmt: skip
 
     # -- helpers
 

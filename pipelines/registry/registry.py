@@ -32,6 +32,8 @@ if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
     from mlflow.models.model import ModelInfo
 
+    from pipelines.evaluation.compare import Comparison
+
 PYFUNC_MODEL_FILE = Path(__file__).with_name("pyfunc_model.py")
 CODE_MODEL_LOADER = "mlflow.pyfunc.loaders.code_model"  # the loader MLflow records for models from code
 MODEL_ARTIFACTS = ("weights", "classes", "preprocessing")  # what pyfunc_model.py's load_context reads
@@ -286,6 +288,7 @@ class Promotion:
     candidate_value: float | None
     champion_value: float | None
     reason: str
+    evidence: dict | None = None  # the paired comparison that decided, when one did (``Comparison.as_dict()``)
 
 
 def promote(
@@ -295,12 +298,16 @@ def promote(
     metric: str = "eval/top1",
     force: bool = False,
     greater_is_better: bool = True,
+    evidence: Comparison | None = None,
 ) -> Promotion:
     """Point alias ``champion`` at ``version`` (default: the ``challenger``) if it beats the current champion.
 
     "Beats" means strictly better on ``metric`` (higher, unless ``greater_is_better=False``): a tie keeps the champion,
-    so serving never switches models for no gain. No champion yet: the candidate becomes one. ``force=True``
-    promotes regardless (a rollback, or a metric that changed meaning).
+    so serving never switches models for no gain. With ``evidence`` (a paired comparison of the two on the same
+    images, ``pipelines.evaluation.compare``), it means better by more than that comparison's confidence margin,
+    and the decision, both scores, the margin and the reason are written on the candidate version (tags
+    ``promotion.*`` and its description). No champion yet: the candidate becomes one. ``force=True`` promotes
+    regardless (a rollback, or a metric that changed meaning).
     """
     client = _client()
     model = _registered(client, model_name)
@@ -316,7 +323,18 @@ def promote(
     champion_value = metric_value(champion, metric) if champion is not None else None
 
     def result(promoted: bool, reason: str) -> Promotion:
-        return Promotion(promoted, candidate.version, previous, candidate_value, champion_value, reason)
+        decided = Promotion(
+            promoted,
+            candidate.version,
+            previous,
+            candidate_value,
+            champion_value,
+            reason,
+            evidence.as_dict() if evidence is not None else None,
+        )
+        if evidence is not None:
+            _record_decision(client, model_name, decided)
+        return decided
 
     if previous == candidate.version:
         return result(False, f"version {candidate.version} is already the {CHAMPION}")
@@ -328,6 +346,10 @@ def promote(
         reason = "forced"
     elif champion is None:
         reason = f"no {CHAMPION} yet"
+    elif evidence is not None:
+        if not evidence.better:
+            return result(False, f"{evidence.reason()}; version {previous} stays {CHAMPION}")
+        reason = f"{evidence.reason()}; replaces version {previous}"
     elif champion_value is None:
         return result(False, f"the {CHAMPION} (version {previous}) has no {metric!r} to compare with; use force")
     else:
@@ -340,6 +362,48 @@ def promote(
     stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     client.set_model_version_tag(model_name, candidate.version, "promoted_at", stamp)
     return result(True, reason)
+
+
+def champion_weights(model_name: str, dst: str | os.PathLike) -> tuple[str, Path, dict] | None:
+    """The current champion's version, its weights file and its preprocessing (``image_size``, ``resize_size``),
+    downloaded into ``dst``: what re-scoring it next to a challenger needs. None when there is no champion. A
+    model this platform did not log is refused before anything of it is read (``predict.check_platform_model``)."""
+    import mlflow
+    from mlflow.models import Model
+
+    from pipelines.registry.predict import check_platform_model
+
+    client = _client()
+    champion = _by_alias(client, _registered(client, model_name), CHAMPION)
+    if champion is None:
+        return None
+    uri = f"models:/{model_name}/{champion.version}"
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=os.fspath(dst)))
+    mlmodel = Model.load(str(local / "MLmodel"))
+    check_platform_model(uri, mlmodel)
+    artifacts = mlmodel.flavors["python_function"]["artifacts"]
+    weights = local / artifacts["weights"]["path"]
+    preprocessing = json.loads((local / artifacts["preprocessing"]["path"]).read_text())
+    return str(champion.version), weights, preprocessing
+
+
+def _record_decision(client: Any, model_name: str, decided: Promotion) -> None:
+    """The decision on the candidate version itself: ``vit registry show`` and the MLflow UI explain it."""
+    evidence = decided.evidence or {}
+    tags = {
+        "promotion.decision": "promoted" if decided.promoted else "not promoted",
+        "promotion.reason": decided.reason[:5000],
+        "promotion.champion_version": decided.previous_champion or "",
+    }
+    for key in ("champion", "challenger", "gain", "lower", "margin", "confidence", "min_improvement", "images"):
+        if key in evidence:
+            tags[f"promotion.{key}"] = repr(evidence[key])
+    for key, value in tags.items():
+        client.set_model_version_tag(model_name, decided.version, key, value)
+    version = client.get_model_version(model_name, decided.version)
+    summary = f"Promotion: {tags['promotion.decision']}: {decided.reason}"
+    description = (version.description or "").split("\n\nPromotion: ")[0]
+    client.update_model_version(model_name, decided.version, description=f"{description}\n\n{summary}".strip())
 
 
 def _time(ms: int | None) -> str | None:

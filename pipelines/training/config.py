@@ -128,6 +128,11 @@ class PretrainConfig(TrainConfig):
     """Table 3 of the paper: Adam (0.9, 0.999), weight decay 0.1, batch 4096, 10k warmup steps then
     linear decay, 224 px with inception crop and flip, sigmoid loss (head bias -10) on multi-label data."""
 
+    # In a pipeline: new pretraining images re-run pretraining only when this is true. Pretraining is the
+    # expensive step, so by default the earlier pretraining is reused (the log says so) and fine-tuning starts
+    # from it; the new images count from the next pretraining with other settings.
+    rerun_on_new_data: bool = False
+
 
 @dataclass(kw_only=True)
 class FinetuneConfig(TrainConfig):

@@ -90,7 +90,7 @@ def test_vit_run_and_vit_submit_refuse_a_pipeline_mistake_with_the_same_words(tm
     import sys
     from pathlib import Path
 
-    from pipelines.orchestration.workflow import PipelineConfig
+    from pipelines.orchestration.config import PipelineConfig
 
     with pytest.raises(ConfigError) as raised:
         load_config(PipelineConfig, text=text)

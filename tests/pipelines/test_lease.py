@@ -9,11 +9,13 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
+from pipelines.orchestration.config import PipelineConfig
 from pipelines.orchestration.lease import LEASE_FILE, LeaseLostError, WorkdirBusyError, WorkdirLease
-from pipelines.orchestration.workflow import PipelineConfig, run_pipeline
+from pipelines.orchestration.workflow import run_pipeline
 
 HOLDER = textwrap.dedent(
     """
@@ -123,3 +125,13 @@ def test_a_pipeline_on_a_busy_workdir_stops_before_any_step(holder):
     with pytest.raises(WorkdirBusyError, match=f"pid {proc.pid}"):
         run_pipeline(cfg, log=lambda _: None)
     assert sorted(p.name for p in workdir.iterdir()) == [LEASE_FILE]  # no step started, no state written
+
+
+def test_a_second_vit_run_on_a_busy_workdir_exits_at_once_naming_the_holder(holder):
+    workdir, proc = holder
+    vit = str(Path(sys.executable).parent / "vit")
+    started = time.monotonic()
+    result = subprocess.run([vit, "run", f"workdir={workdir}"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and f"(pid {proc.pid})" in result.stderr and "--break-lock" in result.stderr
+    assert "Traceback" not in result.stderr and time.monotonic() - started < 60
+    assert sorted(p.name for p in workdir.iterdir()) == [LEASE_FILE]

@@ -168,7 +168,8 @@ TINY = ["finetune.steps=6", "finetune.optim.warmup_steps=2", "evaluate.shots=[1,
 def test_the_pipeline_fine_tunes_a_released_npz_without_pretraining(ray_local, tmp_path):
     """README, "Your own corpus": `pretrain: null` with `finetune.init_from: ViT-B_16.npz`, at toy size."""
     from pipelines.common.config import load_config
-    from pipelines.orchestration.workflow import LOCAL_CONFIG, PipelineConfig, run_pipeline
+    from pipelines.orchestration.config import LOCAL_CONFIG, PipelineConfig
+    from pipelines.orchestration.workflow import run_pipeline
 
     source = odd_model(representation_size=24)  # 16 px, a 2x2 grid: the demo's 32 px resamples it to 4x4
     npz = write_npz(source, tmp_path / "ViT-tiny.npz")

@@ -130,8 +130,17 @@ def test_a_rerun_skips_finished_steps_and_from_and_only_rerun_on_purpose(pipelin
     assert sorted(versions) == ["1", "2"]
     assert client.get_model_version_by_alias("wf-model", "challenger").version == "2"
     champion = client.get_model_version_by_alias("wf-model", "champion").version
+    # promoted only on evidence: both scored on the same images, the gain's lower bound above min_improvement
+    tags = versions["2"].tags
+    assert tags["promotion.decision"] == ("promoted" if champion == "2" else "not promoted")
+    assert tags["promotion.champion_version"] == "1" and int(tags["promotion.images"]) == 360
+    gain, lower = float(tags["promotion.gain"]), float(tags["promotion.lower"])
     top1 = {v: float(versions[v].tags["metric.eval/top1"]) for v in versions}
-    assert champion == ("2" if top1["2"] > top1["1"] else "1")  # promoted only when strictly better
+    assert gain == pytest.approx(top1["2"] - top1["1"], abs=1e-9)  # the champion re-scored as it was scored
+    assert lower <= gain and (champion == "2") == (lower > 0.0)
+    assert "paired bootstrap" in tags["promotion.reason"] and "Promotion: " in versions["2"].description
+    shown = subprocess.run([VIT, "registry", "show", "wf-model"], capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0 and f"version 2: {tags['promotion.decision']}: " in shown.stdout, shown.stdout
 
 
 def test_a_killed_pipeline_resumes_where_it_stopped(mlflow_uri, tmp_path):
@@ -179,7 +188,8 @@ def test_the_pipeline_runs_with_its_workdir_on_s3(s3_bucket, s3_storage_options,
     import s3fs
 
     from pipelines.common.config import load_config
-    from pipelines.orchestration.workflow import LOCAL_CONFIG, PipelineConfig, run_pipeline
+    from pipelines.orchestration.config import LOCAL_CONFIG, PipelineConfig
+    from pipelines.orchestration.workflow import run_pipeline
 
     workdir = f"{s3_bucket}/work"
     overrides = [*TINY, "pretrain_data.synth.images=200", f"workdir={workdir}", "tracking.experiment=wf-s3"]
