@@ -99,7 +99,11 @@ def _print_corpus(summary: CorpusSummary) -> None:
 @click.option("--source", type=click.Choice(["auto", "folder", "table", "tars"]), default="auto", show_default=True)
 @click.option("--path-column", default="path", show_default=True)
 @click.option("--label-column", default="labels", show_default=True)
-@click.option("--split-column", default=None, help="Column naming each row's split (else --val-fraction).")
+@click.option(
+    "--split-column",
+    default=None,
+    help="Column naming each row's split [a table's own `split` column, else --val-fraction].",
+)
 @click.option("--val-fraction", type=float, default=0.0, show_default=True, help="Held-out share, by key hash.")
 @click.option("--shard-samples", type=int, default=None, help="Samples per shard [default: 10000].")
 @click.option("--shard-bytes", type=str, default=None, help="Target bytes per shard instead, e.g. 1GB or 500MB.")

@@ -1,7 +1,7 @@
 """The Ray Job commands: ``vit submit`` runs the pipeline on a cluster, ``vit jobs list|status|logs|stop`` watch and
 manage the cluster's jobs.
 
-    vit submit configs/big.yaml train.steps=10000 --address http://head:8265 --follow
+    vit submit my-pipeline.yaml finetune.steps=10000 --address http://head:8265 --follow
     vit jobs list | vit jobs status ID | vit jobs logs ID --follow | vit jobs stop ID
 
 They wrap ``pipelines.orchestration.jobs``, which imports Ray only inside its functions: ``vit --help`` stays fast.
@@ -45,7 +45,7 @@ def _address_option(fn: Callable[..., None]) -> Callable[..., None]:
 
 def _split_config(args: Sequence[str]) -> tuple[str | None, list[str]]:
     """``[CONFIG] [OVERRIDES]...``: the first word is the config unless it is an override (``key=value`` and no file
-    of that name), so ``vit submit train.steps=10`` runs the built-in default config."""
+    of that name), so ``vit submit finetune.steps=10`` runs the built-in default config."""
     if not args:
         return None, []
     first = args[0]
@@ -137,7 +137,7 @@ def submit(
     """Run the pipeline on a Ray cluster as a Ray Job: `vit run [CONFIG] [OVERRIDES]...` in a copy of the working dir.
 
     CONFIG (a YAML file, read here) travels in the job's environment; OVERRIDES are dotted settings such as
-    ``train.steps=1000``. The job's environment also gets MLFLOW_TRACKING_URI, MLFLOW_S3_ENDPOINT_URL and
+    ``finetune.steps=1000``. The job's environment also gets MLFLOW_TRACKING_URI, MLFLOW_S3_ENDPOINT_URL and
     AWS_ENDPOINT_URL when they are set here, never credentials: the cluster must have its own.
     """
     config_path, overrides = _split_config(args)

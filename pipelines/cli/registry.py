@@ -34,7 +34,7 @@ tracking_uri_option = click.option(
     envvar="MLFLOW_TRACKING_URI",
     default=None,
     show_envvar=True,
-    help="MLflow tracking server [MLflow's default].",
+    help="MLflow tracking server [./mlflow.db, the pipeline's default store].",
 )
 
 

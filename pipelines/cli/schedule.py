@@ -36,7 +36,7 @@ def _run(call):
 
 @click.group()
 def schedule() -> None:
-    """Pipelines on a schedule (Prefect 3): add, list, run, pause, resume, remove, serve, render.
+    """Pipelines on a schedule (Prefect 3): add, list, history, run, pause, resume, remove, serve, render.
 
     Without PREFECT_API_URL, `vit schedule serve` starts a local scheduler on 127.0.0.1 (its store under
     ~/.local/share/vit/prefect) and fires the schedules; the other commands talk to it. With PREFECT_API_URL, the
@@ -102,6 +102,27 @@ def run_command(name: str, wait: bool, timeout) -> None:
     click.echo(f"flow run {run_id}: {state}" + (f": {message}" if message else ""))
     if wait and state not in ("Completed", "Cancelled"):
         raise SystemExit(1)
+
+
+@schedule.command("history")
+@click.argument("name")
+@click.option("--limit", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per firing")
+def history_command(name: str, limit: int, as_json: bool) -> None:
+    """NAME's last firings, newest first: state, and the reason or outcome (skipped ones included)."""
+    import dataclasses
+    import json
+
+    mod = _module()
+    firings = _run(lambda: mod.history(name, limit))
+    for firing in firings:
+        if as_json:
+            click.echo(json.dumps(dataclasses.asdict(firing)))
+        else:
+            when = (firing.started or firing.expected or "")[:19].replace("T", " ")
+            click.echo(f"{when}  {firing.state:<10}  {firing.id}  {firing.message or ''}".rstrip())
+    if not firings and not as_json:
+        click.echo(f"{name} has not fired yet")
 
 
 @schedule.command("pause")

@@ -1,6 +1,6 @@
 """Typed configs: nested dataclasses, loaded from YAML, with dotted command-line overrides.
 
-    cfg = load_config(DemoConfig, "configs/demo.yaml", ["optim.lr=3e-3", "epochs=5"])
+    cfg = load_config(PretrainConfig, "pretrain.yaml", ["optim.lr=3e-3", "steps=5000"])
 
 Every value is checked against its field's type; an error names the field (``optim.lr``) and
 what was wrong, so a typo in a YAML file fails before any work starts.

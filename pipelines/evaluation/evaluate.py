@@ -1,8 +1,8 @@
 """The evaluation step: top-1/top-5 of a trained model on a held-out split, and the paper's few-shot
 linear evaluation of its frozen representation (1/5/10/25 shots, closed-form ridge regression).
 
-Runs in one process (the driver, or a Ray task placed where there is a GPU): evaluation reads a
-downstream set once, which takes minutes, not the hours that justify a worker group.
+Runs in the calling process (the pipeline's driver, or `vit evaluate`): evaluation reads a downstream set
+once, which takes minutes, not the hours that justify a worker group.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class EvaluationSettings:
 class EvaluateConfig(EvaluationSettings):
     """`vit evaluate`: the settings, plus which model on which shards."""
 
-    model: str = ""  # weights: a run, a checkpoint folder or a file (ours; .npz/timm/HF need `model_name`)
+    model: str = ""  # weights: a run, a checkpoint folder or a file (ours, or a released .npz/timm/HF)
     shards: str = ""  # the downstream set, as `vit shard` output
     storage_options: dict = field(default_factory=dict)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)

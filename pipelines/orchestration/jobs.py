@@ -1,7 +1,7 @@
 """Running the pipeline on a Ray cluster as a Ray Job, and watching and managing jobs, through Ray's public
 ``JobSubmissionClient``: the Python API behind ``vit submit`` and ``vit jobs`` (``pipelines.cli.jobs``).
 
-    job_id = submit_pipeline("configs/big.yaml", ["train.steps=10000"], address="http://head:8265")
+    job_id = submit_pipeline("my-pipeline.yaml", ["finetune.steps=10000"], address="http://head:8265")
     job_logs("http://head:8265", job_id, follow=True)
     list_jobs(address) | job_status(address, job_id) | wait_for_job(address, job_id) | stop_job(address, job_id)
 

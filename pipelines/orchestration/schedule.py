@@ -140,7 +140,7 @@ def _fire_on_cluster(config: str | None, overrides: list[str], address: str, say
         if found is None:
             raise ScheduleError(f"config {config!r}: no such file and no shipped config of that name")
         path = str(found)
-    job_id = submit_pipeline(address, path, overrides, log=say)
+    job_id = submit_pipeline(path, overrides, address=address, log=say)
     say(f"submitted Ray Job {job_id} to {address}")
     info = wait_for_job(address, job_id)
     say(job_logs(address, job_id)[-20_000:])
@@ -257,6 +257,38 @@ def fire(name: str, *, wait: bool = False, timeout: float | None = None) -> tupl
             run = client.read_flow_run(run.id)
     state = run.state
     return str(run.id), state.name if state else "Scheduled", state.message if state else None
+
+
+@dataclass
+class Firing:
+    id: str
+    state: str
+    message: str | None
+    expected: str | None  # ISO times
+    started: str | None
+    ended: str | None
+
+
+def history(name: str, limit: int = 10) -> list[Firing]:
+    """The last ``limit`` firings of ``name``, newest first, skipped ones included, each with its reason."""
+    every = list(StateType)
+    with _client() as client:
+        runs = _runs(client, _require(client, name).id, every, FlowRunSort.EXPECTED_START_TIME_DESC, limit=limit)
+
+    def iso(moment) -> str | None:
+        return moment.isoformat() if moment else None
+
+    return [
+        Firing(
+            id=str(run.id),
+            state=run.state.name if run.state else "unknown",
+            message=run.state.message if run.state else None,
+            expected=iso(run.expected_start_time),
+            started=iso(run.start_time),
+            ended=iso(run.end_time),
+        )
+        for run in runs
+    ]
 
 
 def pause(name: str) -> int:

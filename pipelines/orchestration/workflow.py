@@ -1,14 +1,16 @@
 """The pipeline: corpus -> shard -> pretrain -> finetune -> evaluate -> register, as one cached workflow.
 
-    cfg = load_config(PipelineConfig, "configs/local.yaml", ["pretrain.steps=600"])
+    cfg = load_pipeline_config("local", ["pretrain.steps=600"])   # pipelines.orchestration.config
     result = run_pipeline(cfg)                    # skips every step already done with these settings
     run_pipeline(cfg, start_from="finetune")      # re-runs finetune and what follows, on purpose
     run_pipeline(cfg, only="evaluate")            # re-runs one step on the cached outputs of the others
 
-Each step has a fingerprint: its own settings plus the identity of what it consumes (the shards'
-content fingerprint, the checkpoint it starts from). A step whose state file under
-``{workdir}/pipeline/`` records that fingerprint as done is skipped; a step that failed (or whose
-process died) runs again under the same names, so training resumes from its last checkpoint and
+Each step has a fingerprint: its own settings plus the identity of what it consumes (a corpus's
+listing, the shards' content fingerprint, the checkpoint it starts from), so new data re-runs the steps
+it affects: sharding (incrementally for new images), fine-tuning, evaluation and registration;
+pretraining only with ``pretrain.rerun_on_new_data``. One run holds the workdir at a time (its lease).
+A step whose state file under ``{workdir}/pipeline/`` records that fingerprint as done is skipped; a step
+that failed (or whose process died) runs again under the same names, so training resumes from its last checkpoint and
 sharding from its last finished shard. The same code runs locally (a local Ray, a sqlite MLflow store,
 local folders) and on a cluster (``vit submit``; the workdir and the store then live on shared storage).
 
@@ -308,8 +310,9 @@ class _Runner:
 
     def _source_listings(self) -> dict[str, str]:
         """Each given corpus's content as listed (path, size, ETag/version or mtime per object; no bytes read):
-        new, changed or deleted images change the shard step's fingerprint, and so everything downstream of it.
-        Corpora the pipeline makes are fixed by their settings."""
+        new, changed or deleted images change the shard step's fingerprint, and so the steps that consume the
+        shards (pretraining only with ``pretrain.rerun_on_new_data``). Corpora the pipeline makes are fixed by
+        their settings."""
         from pipelines.common.storage import list_files, listing_fingerprint
 
         listings = {}

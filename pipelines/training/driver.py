@@ -102,7 +102,8 @@ def run_training(
     parent_run_id: str | None = None,
     tags: dict[str, str] | None = None,
 ) -> TrainResult:
-    """Train on the current Ray cluster (``ray.init`` first); resume the run ``cfg.name`` if it exists.
+    """Train on the current Ray cluster (join it with ``pipelines.common.ray.init_ray``); resume the run
+    ``cfg.name`` if it exists.
 
     With tracking on, the run is an MLflow run (the same one again when the training resumes): the
     config as params, rank 0's metrics every step, the shards as its input, and at the end the

@@ -78,6 +78,12 @@ def schedules(env: dict) -> dict[str, dict]:
     return {s["name"]: s for s in map(json.loads, result.stdout.splitlines())}
 
 
+def firings(env: dict, name: str) -> dict[str, dict]:
+    result = vit(env, "schedule", "history", name, "--json", "--limit", "50")
+    assert result.returncode == 0, result.stderr
+    return {f["id"]: f for f in map(json.loads, result.stdout.splitlines())}
+
+
 def test_add_list_pause_resume_remove_and_the_mistakes_refused(prefect_env, tmp_path):
     result = vit(prefect_env, "schedule", "add", "weekly", "local", "workdir=/tmp/x", "--cron", "0 3 * * 0",
                  "--timezone", "Europe/Berlin", cwd=tmp_path)  # fmt: skip
@@ -161,11 +167,19 @@ def test_a_firing_runs_the_pipeline_then_costs_seconds_when_nothing_changed_and_
     result = vit(prefect_env, "schedule", "add", "tiny", "local", *overrides, "--cron", "0 0 1 1 *", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
 
-    first = vit(prefect_env, "schedule", "run", "tiny", "--wait", "--timeout", "600", timeout=660)
-    assert first.returncode == 0 and ": Completed: ran corpus, shard, finetune, evaluate, register" in first.stdout, (
-        first.stdout + first.stderr + worker.read_text()[-3000:]
-    )
-    assert (workdir / "pipeline" / "finetune.json").exists()  # `workdir=work` resolved where the schedule was added
+    first = vit(prefect_env, "schedule", "run", "tiny")  # fired; it runs in the worker meanwhile
+    assert first.returncode == 0, first.stderr
+    first_id = first.stdout.split()[2].rstrip(":")
+    overlap = vit(prefect_env, "schedule", "run", "tiny", "--wait", "--timeout", "300")
+    assert "Cancelled: Deployment concurrency limit reached" in overlap.stdout, overlap.stdout + overlap.stderr
+    deadline = time.monotonic() + 600
+    while (firing := firings(prefect_env, "tiny")[first_id])["state"] not in ("Completed", "Failed", "Crashed"):
+        assert time.monotonic() < deadline, worker.read_text()[-3000:]
+        time.sleep(2)
+    assert firing["state"] == "Completed", (firing, worker.read_text()[-3000:])
+    assert firing["message"].startswith("ran corpus, shard, finetune, evaluate, register in ")
+    # `workdir=work` resolved in the folder where the schedule was added, not the worker's
+    assert json.loads((workdir / "pipeline" / "register.json").read_text())["status"] == "done"
 
     started = time.monotonic()
     again = vit(prefect_env, "schedule", "run", "tiny", "--wait", "--timeout", "300")
