@@ -1,23 +1,35 @@
 """The layout of a shard folder: its files, their schemas, and how its WebDataset tars are written and read.
 
     DST/
-      {split}-NNNNNN.tar   the samples of a split, a uniform random share each; per sample, members {key}.{ext}:
+      {split}-NNNNNN.tar   the samples of a split, a uniform random share each (of one generation); per sample,
+                           members {key}.{ext}:
                              .jpg    the image, RGB JPEG
                              .json   {"labels", "label_ids", "source", "width", "height", "source_format",
                                      "reencoded"}
-                             .cls    its label id, only when every sample of the run has a single label
-      manifest.parquet     a row per shard: samples, bytes, sha256, label histogram, rejects (MANIFEST_SCHEMA)
-      rejects.parquet      a row per input not written, with its reason (REJECTS_SCHEMA)
-      _info.json           timm's format: num_classes, multi_label, and per split its shards and their lengths
-      classes.json         [{"id", "name"}], in id order
-      summary.json         {"fingerprint", "summary"}: written last, so its presence means "finished"
-      _work/               a run in progress, removed when it finishes: plan.json, plan/ (the bucket files),
-                           done/ (a marker per written shard), tmp/ (shards being written)
+                             .cls    its label id, only when every sample of the output has a single label
+      manifest.parquet     a row per shard: samples, bytes, sha256, label histogram, rejects, generation
+                           (MANIFEST_SCHEMA)
+      rejects.parquet      a row per input not written, with its reason and generation (REJECTS_SCHEMA)
+      _info.json           timm's format: num_classes, multi_label, and per split its shards and their lengths;
+                           from generation 1 on, also the generation
+      classes.json         [{"id", "name"}], in id order; a later generation appends new classes, never renumbers
+      sources.parquet      what the last generation listed of the corpus: a row per file (path, size, version) and,
+                           for a label table, per table row (SOURCES_SCHEMA); absent from outputs made before it was
+      _keys/               keys-GGGGGG.parquet: the key of every sample generation G planned (written, or rejected
+                           while writing), sorted by ``order`` (KEYS_SCHEMA): no later generation gives one again
+      summary.json         {"fingerprint", "summary", "sources"}: written last, so its presence means "finished";
+                           "sources" holds the listing's fingerprint, what a later generation keeps (shard size,
+                           label kind) and each generation's counts
+      _work/               a run in progress, removed when it finishes: plan.json, sources.parquet (the record it
+                           will commit), plan/ (the bucket files), done/ (a marker per written shard), tmp/ (shards
+                           being written), out/ (the merged outputs, before they are moved into place)
 
-A key holds no dot: WebDataset and Ray split a member name into key and extension at the first dot of its
-base name. Tars are written by :func:`_sample_members` as ustar (a GNU header for a name over 100 bytes), every
-field fixed but name and size, so the same inputs give byte-identical shards; training and ``verify_shards``
-read them back with :func:`iter_tar_samples`, which trusts no length it has not checked.
+A generation is one sharding run's contribution: 0 for the first (or a full re-shard), then one more per run that
+found only new inputs; its shards continue the numbering of each split. A key holds no dot: WebDataset and Ray
+split a member name into key and extension at the first dot of its base name. Tars are written by
+:func:`_sample_members` as ustar (a GNU header for a name over 100 bytes), every field fixed but name and size, so
+the same inputs give byte-identical shards; training and ``verify_shards`` read them back with
+:func:`iter_tar_samples`, which trusts no length it has not checked.
 """
 
 from __future__ import annotations
@@ -58,10 +70,12 @@ class ShardReadError(ShardsError):
 
 # Everything shard_corpus writes in DST, and nothing else: a DST holding anything more is not replaced.
 MANIFEST_FILE, INFO_FILE, CLASSES_FILE = "manifest.parquet", "_info.json", "classes.json"
-REJECTS_FILE, SUMMARY_FILE = "rejects.parquet", "summary.json"
-OUTPUT_FILES = (MANIFEST_FILE, INFO_FILE, CLASSES_FILE, REJECTS_FILE, SUMMARY_FILE)
+REJECTS_FILE, SUMMARY_FILE, SOURCES_FILE = "rejects.parquet", "summary.json", "sources.parquet"
+OUTPUT_FILES = (MANIFEST_FILE, INFO_FILE, CLASSES_FILE, REJECTS_FILE, SOURCES_FILE, SUMMARY_FILE)
 WORK_DIR = "_work"  # the plan, done-markers and temporary shards of a run; removed when it finishes
-PLAN_FILE, PLAN_DIR, DONE_DIR, TMP_DIR = "plan.json", "plan", "done", "tmp"  # what WORK_DIR holds
+KEYS_DIR = "_keys"  # the keys of every generation
+OUTPUT_DIRS = (WORK_DIR, KEYS_DIR)
+PLAN_FILE, PLAN_DIR, DONE_DIR, TMP_DIR, OUT_DIR = "plan.json", "plan", "done", "tmp", "out"  # what WORK_DIR holds
 SPLIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")  # a split names shard files: no "/", no ".."
 _SHARD_FILE = re.compile(rf"(?:{SPLIT_NAME.pattern})-[0-9]{{6,}}\.tar")  # _shard_name's names
 
@@ -80,10 +94,15 @@ def _done_marker(dst: str, split: str, index: int) -> str:
     return _work_path(dst, DONE_DIR, f"{split}-{index:06d}.json")
 
 
+def _keys_file(dst: str, generation: int) -> str:
+    """Where the keys of a generation are kept."""
+    return join(dst, KEYS_DIR, f"keys-{generation:06d}.parquet")
+
+
 def _is_output(name: str, kind: str | None) -> bool:
     """Whether an entry of DST is something shard_corpus writes there (and so may replace)."""
     if kind == "directory":
-        return name == WORK_DIR
+        return name in OUTPUT_DIRS
     return kind == "file" and (name in OUTPUT_FILES or _SHARD_FILE.fullmatch(name) is not None)
 
 
@@ -95,6 +114,7 @@ REJECTS_SCHEMA = pa.schema(
         ("detail", pa.string()),
         ("split", pa.string()),
         ("shard", pa.int64()),
+        ("generation", pa.int64()),  # added with generations: a file without it is generation 0
     ]
 )
 MANIFEST_SCHEMA = pa.schema(
@@ -107,8 +127,31 @@ MANIFEST_SCHEMA = pa.schema(
         ("sha256", pa.string()),
         ("label_histogram", pa.string()),
         ("rejected", pa.int64()),
+        ("generation", pa.int64()),  # added with generations: a file without it is generation 0
     ]
 )
+# sources.parquet: entry "file" is a file of the listed folder (path relative to it, size and the store's version);
+# entry "row" is a row of the label table (path: the row's identity, its path, labels, key and split joined).
+# generation: the one that first listed it.
+SOURCES_SCHEMA = pa.schema(
+    [
+        ("entry", pa.string()),
+        ("path", pa.string()),
+        ("size", pa.int64()),
+        ("version", pa.string()),
+        ("generation", pa.int64()),
+    ]
+)
+# _keys/keys-GGGGGG.parquet: every key a generation gave, with what it was read from; ``order`` (the seeded hash of
+# the key the index derived, before any "~" suffix) sorts the file, so a later run looks up only its own keys.
+KEYS_SCHEMA = pa.schema([("key", pa.string()), ("source", pa.string()), ("split", pa.string()), ("order", pa.uint64())])
+
+
+def with_generation(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """A manifest or rejects table as ``schema`` has it: one written before generations existed gets generation 0."""
+    if "generation" not in table.column_names:
+        table = table.append_column("generation", pa.array([0] * table.num_rows, pa.int64()))
+    return table.select(schema.names).cast(schema)
 
 
 def _classes_record(classes: list[str]) -> list[dict]:
@@ -121,8 +164,11 @@ def class_names(entries: list[dict]) -> list[str]:
     return [entry["name"] for entry in sorted(entries, key=lambda e: e["id"])]
 
 
-def _info_record(name: str, classes: list[str], multi_label: bool, manifest_rows: list[dict]) -> dict:
-    """``_info.json``: timm's format, which readers find the shards by, per split in manifest order."""
+def _info_record(name: str, classes: list[str], multi_label: bool, manifest_rows: list[dict], generation: int) -> dict:
+    """``_info.json``: timm's format, which readers find the shards by, per split in manifest order. Generation 0
+    leaves its number out, so a first sharding's file is what it was before generations existed (a dataset's
+    fingerprint hashes it); every later generation writes its own, so the file, and the fingerprint, change even
+    when the generation added no shard."""
     splits = {}
     for split in sorted({r["split"] for r in manifest_rows}):
         rows = [r for r in manifest_rows if r["split"] == split]
@@ -133,7 +179,8 @@ def _info_record(name: str, classes: list[str], multi_label: bool, manifest_rows
             "shard_lengths": [r["samples"] for r in rows],
         }
     # multi_label tells the trainer which loss to use (sigmoid for multi-hot targets, softmax otherwise)
-    return {"name": name, "num_classes": len(classes), "multi_label": multi_label, "splits": splits}
+    info = {"name": name, "num_classes": len(classes), "multi_label": multi_label, "splits": splits}
+    return info | ({"generation": generation} if generation else {})
 
 
 # ------------------------------------------------------------------------------------ keys
@@ -448,7 +495,8 @@ def _pax_records(data: bytes, tar: _TarReader, at: int) -> dict[str, str]:
 
 
 def dataset_fingerprint(shards: str, storage_options: dict | None = None) -> str:
-    """Identifies a `vit shard` output: the sharding run's fingerprint and a hash of its ``_info.json``."""
+    """Identifies a `vit shard` output: the sharding run's fingerprint and a hash of its ``_info.json`` (which
+    changes with every generation added)."""
     import hashlib
 
     from pipelines.common.storage import filesystem

@@ -154,14 +154,21 @@ def _table_parts(fs, url: str, cfg: ShardConfig) -> list[list[int] | None]:
     return parts
 
 
-def _index_unit(batch: pa.Table, cfg: ShardConfig, root: str, classes: list[str] | None) -> Iterator[pa.Table]:
-    """Ray Data task: the index rows of one listing unit, in blocks of at most ``_INDEX_CHUNK`` rows."""
+def _index_unit(
+    batch: pa.Table, cfg: ShardConfig, root: str, classes: list[str] | None, only: pa.Array | None = None
+) -> Iterator[pa.Table]:
+    """Ray Data task: the index rows of one listing unit, in blocks of at most ``_INDEX_CHUNK`` rows. ``only``
+    (an incremental run's new inputs) keeps the files of those sources, or the table rows of those identities."""
     unit, spec = int(batch.column("unit")[0].as_py()), json.loads(batch.column("spec")[0].as_py())
     fs, _ = filesystem(cfg.src, cfg.storage_options)
     first = unit * _UNIT_ROWS
     if spec["kind"] == "table":
+        import pyarrow.compute as pc
+
         for table in _table_chunks(fs, spec["path"], spec["part"], cfg):
-            yield _label_table_rows(table, spec["path"], cfg, classes, first)
+            rows = table if only is None else table.filter(pc.is_in(_row_identities(table, cfg), value_set=only))
+            # seq stays the row's place in the whole table: of repeated keys, the first listed is kept
+            yield _label_table_rows(rows, spec["path"], cfg, classes, first)
             first += table.num_rows
         return
     if spec["kind"] == "tar":
@@ -182,6 +189,10 @@ def _index_unit(batch: pa.Table, cfg: ShardConfig, root: str, classes: list[str]
     else:
         paths = [e[0] for e in spec["entries"]]
         reasons = check.reasons(paths, [{"type": t, "size": n, "islink": link} for _, t, n, link in spec["entries"]])
+    if only is not None:
+        wanted = set(only.to_pylist())
+        kept = [i for i, p in enumerate(paths) if p[len(root) + 1 :] in wanted]
+        paths, reasons = [paths[i] for i in kept], [reasons[i] for i in kept]
     split = spec["split"]
     for start in range(0, len(paths), _INDEX_CHUNK):
         chunk = paths[start : start + _INDEX_CHUNK]
@@ -266,9 +277,41 @@ def _label_table_rows(table: pa.Table, url: str, cfg: ShardConfig, classes: list
         keys = _safe_keys(table.column(cfg.key_column).combine_chunks().cast(pa.string()).fill_null("None"))
     else:
         keys = _keys_from_paths(rels)
-    split_column = cfg.split_column or ("split" if "split" in table.column_names else None)
+    split_column = _table_split_column(table, cfg)
     splits = [str(s) for s in table.column(split_column).to_pylist()] if split_column else [None] * len(keys)
     return _index_table(keys, full, labels, splits, rels, cfg, first)
+
+
+def _table_split_column(table: pa.Table, cfg: ShardConfig) -> str | None:
+    return cfg.split_column or ("split" if "split" in table.column_names else None)
+
+
+def _row_identities(table: pa.Table, cfg: ShardConfig) -> pa.Array:
+    """What identifies each row of a label table: its path, labels, key and split, as read (before any label id is
+    named), joined into one string. Two runs compare these to tell rows added from rows changed or removed."""
+    import pyarrow.compute as pc
+
+    names = [cfg.path_column, cfg.label_column, cfg.key_column, _table_split_column(table, cfg)]
+    parts = []
+    for name in dict.fromkeys(n for n in names if n):
+        column = table.column(name).combine_chunks() if table.num_rows else pa.array([], table.column(name).type)
+        try:
+            parts.append(_as_strings(column))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # a type Arrow cannot cast: as JSON, row by row
+            parts.append(pa.array([json.dumps(v, default=str) for v in column.to_pylist()], pa.string()))
+    return pc.binary_join_element_wise(*parts, "\x1e")
+
+
+def _as_strings(column: pa.Array) -> pa.Array:
+    """A column as strings, nulls as "\\0" and lists joined by "\\x1f" (so [1, 2] and "1,2" stay apart)."""
+    import pyarrow.compute as pc
+
+    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+        values = column.values.cast(pa.string()).fill_null("\0")
+        lists = pa.LargeListArray if pa.types.is_large_list(column.type) else pa.ListArray
+        column = lists.from_arrays(column.offsets, values, mask=column.is_null())
+        return pc.binary_join(column, "\x1f").fill_null("\0")
+    return column.cast(pa.string()).fill_null("\0")
 
 
 def _label_names(column: pa.ChunkedArray, classes: list[str] | None) -> pa.Array | list[list[str]]:

@@ -15,7 +15,7 @@ import json
 import math
 import posixpath
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
@@ -23,8 +23,15 @@ import pyarrow as pa
 
 from pipelines.common.storage import filesystem, open_for_writing
 from pipelines.data.shards.config import ShardConfig, ShardError
-from pipelines.data.shards.format import PLAN_DIR, REJECTS_SCHEMA, SPLIT_NAME, _suffixed_key, _work_path
-from pipelines.data.shards.index import _index_unit, _listing_units
+from pipelines.data.shards.format import (
+    KEYS_SCHEMA,
+    PLAN_DIR,
+    REJECTS_SCHEMA,
+    SPLIT_NAME,
+    _suffixed_key,
+    _work_path,
+)
+from pipelines.data.shards.index import _index_unit, _listing_units, _rel
 
 
 class BucketRange(NamedTuple):
@@ -49,9 +56,11 @@ class ShardPlan:
     buckets: dict[str, list[BucketRange]]  # per split, the buckets that hold its ranks, in rank order
     # what a row's source is relative to when its path is left null: the label table's folder, or SRC
     path_base: str = ""
+    generation: int = 0  # which sharding of the output this is: 0, or one more per incremental run
+    first_shard: dict[str, int] = field(default_factory=dict)  # per split, the index of its first shard in this plan
 
     def to_json(self) -> dict:
-        """The ``plan`` entry of plan.json; its keys are the ones every version wrote, so any run can resume."""
+        """The ``plan`` entry of plan.json; ``from_json`` reads what any version wrote, so any run can resume."""
         buckets = {split: [list(r) for r in ranges] for split, ranges in self.buckets.items()}
         return dataclasses.asdict(self) | {"buckets": buckets}
 
@@ -66,19 +75,22 @@ class ShardPlan:
             num_shards=dict(data["num_shards"]),
             buckets={split: [BucketRange(*r) for r in ranges] for split, ranges in data["buckets"].items()},
             path_base=data.get("path_base", ""),  # stored since rows may leave their path null
+            generation=data.get("generation", 0),  # stored since generations exist
+            first_shard=dict(data.get("first_shard", {})),
         )
 
     def work(self, done: set[tuple[str, int]]) -> list[dict]:
-        """One row per shard still to write: its split and index, its rank range [lo, hi) and the
-        [bucket, start] of each bucket that holds part of it."""
+        """One row per shard still to write: its split and index, its rank range [lo, hi) among this plan's rows
+        and the [bucket, start] of each bucket that holds part of it."""
         work = []
         per_shard = self.samples_per_shard
         for split, ranges in sorted(self.buckets.items()):
-            r = 0
-            for index in range(self.num_shards[split]):
-                lo, hi = index * per_shard, min((index + 1) * per_shard, self.sizes[split])
+            r, first = 0, self.first_shard.get(split, 0)
+            for local in range(self.num_shards[split]):
+                lo, hi = local * per_shard, min((local + 1) * per_shard, self.sizes[split])
                 while ranges[r].start + ranges[r].count <= lo:
                     r += 1
+                index = first + local
                 if (split, index) in done:
                     continue
                 covering, j = [], r
@@ -87,6 +99,28 @@ class ShardPlan:
                     j += 1
                 work.append({"split": split, "shard": index, "lo": lo, "hi": hi, "buckets": json.dumps(covering)})
         return work
+
+    def shards(self) -> list[tuple[str, int]]:
+        """(split, index) of every shard this plan writes."""
+        return [
+            (split, self.first_shard.get(split, 0) + local)
+            for split, n in sorted(self.num_shards.items())
+            for local in range(n)
+        ]
+
+
+@dataclass(frozen=True)
+class Increment:
+    """What an incremental run adds to: the earlier generations' choices it keeps, and which inputs are new."""
+
+    generation: int
+    classes: list[str]  # the output's class list: new labels get ids after these
+    samples_per_shard: int
+    single_label: bool
+    first_shard: dict[str, int]  # per split, the number of shards the earlier generations wrote
+    held_keys: list[str]  # the key files of the earlier generations
+    # the new inputs: paths of files (folder) or tars (tars) relative to SRC, or label-table row identities
+    only: list[str]
 
 
 # Buckets of at least this many rows: each costs the shuffle tasks (100k rows took 2.3 s to plan in 16
@@ -110,9 +144,10 @@ def _bucket_path(dst: str, bucket: int) -> str:
     return _work_path(dst, PLAN_DIR, f"bucket-{bucket:06d}.parquet")
 
 
-def _plan_bucket(rows: pa.Table, cfg: ShardConfig) -> pa.Table:
+def _plan_bucket(rows: pa.Table, cfg: ShardConfig, generation: int = 0, held_keys: list[str] | None = None) -> pa.Table:
     """Ray Data task for one bucket: shuffle order, duplicate keys out, ranks per split, to storage.
-    Returns one summary row (counts, labels seen) for the driver."""
+    Returns one summary row (counts, labels seen) for the driver. ``held_keys``: the key files of earlier
+    generations, whose keys this bucket's rows must not be given again."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
@@ -123,12 +158,13 @@ def _plan_bucket(rows: pa.Table, cfg: ShardConfig) -> pa.Table:
     rows = rows.sort_by([("order", "ascending"), ("key", "ascending"), ("seq", "ascending")])
     keys = rows.column("key").to_pylist()
     rejects = [
-        {"key": k, "source": s, "reason": r, "detail": d, "split": None, "shard": None}
+        _planning_reject(k, s, r, d, generation)
         for k, s, r, d in zip(*(listed_rejects.column(c).to_pylist() for c in ("key", "source", "reason", "detail")))
     ]
+    held = _held_keys(fs, held_keys or [], rows.column("order").to_numpy())
     repeated = [i for i in range(1, len(keys)) if keys[i] == keys[i - 1]]
-    if repeated:  # rare: only then are sources and offsets looked at
-        keep, keys = _unique_keys(rows, keys, repeated, cfg, rejects)
+    if repeated or held:  # rare (a repeated key, or one given before): only then are sources and offsets looked at
+        keep, keys = _unique_keys(rows, keys, cfg, rejects, held, generation)
         rows = rows.set_column(rows.schema.get_field_index("key"), "key", pa.array(keys, pa.string())).filter(keep)
     kept = rows.sort_by([("split", "ascending"), ("order", "ascending"), ("key", "ascending")])
     splits = kept.column("split").to_numpy(zero_copy_only=False)
@@ -156,43 +192,126 @@ def _plan_bucket(rows: pa.Table, cfg: ShardConfig) -> pa.Table:
     )
 
 
+def _planning_reject(key: str, source: str, reason: str, detail: str, generation: int) -> dict:
+    """A reject decided while planning (no split or shard yet)."""
+    return {
+        "key": key,
+        "source": source,
+        "reason": reason,
+        "detail": detail,
+        "split": None,
+        "shard": None,
+        "generation": generation,
+    }
+
+
 def _unique_keys(
-    rows: pa.Table, keys: list[str], repeated: list[int], cfg: ShardConfig, rejects: list[dict]
+    rows: pa.Table,
+    keys: list[str],
+    cfg: ShardConfig,
+    rejects: list[dict],
+    held: dict[int, dict[str, str]],
+    generation: int,
 ) -> tuple[pa.Array, list[str]]:
-    """Rows sharing a key (sorted by order, key, seq: a key's rows are together, first listed first): the
-    first keeps it. A later one is a duplicate-key reject when it repeats an earlier row's source (the same
-    path listed twice), or when the key is not derived from a file name (a key column, a tar's member key);
-    otherwise it is another file of the same stem (img1.jpg, img1.png) and gets ``_suffixed_key``. Its
-    ``order`` is the key's own, so it stays in this bucket, next to its sibling, whatever the bucketing."""
+    """Rows sharing a key (sorted by order, key, seq: a key's rows are together, first listed first), or meeting
+    a key an earlier generation gave (``held``: per ``order``, its keys and their sources): the first holder keeps
+    it. A later row is a duplicate-key reject when it repeats a holder's source (the same path listed twice), or
+    when the key is not derived from a file name (a key column, a tar's member key); otherwise it is another file
+    of the same stem (img1.jpg, img1.png) and gets ``_suffixed_key``. Its ``order`` is the key's own, so it stays
+    in this bucket, next to its sibling, whatever the bucketing; an earlier generation's suffixed keys share that
+    ``order`` too, so they are among ``held``."""
     sources, offsets = rows.column("source").to_pylist(), rows.column("offset").to_pylist()
+    orders = rows.column("order").to_pylist()
     unique, keep = list(keys), np.ones(len(keys), dtype=bool)
-    repeats = set(repeated)
-    first, taken, seen = 0, set(), set()
-    for i in repeated:
-        if i - 1 not in repeats:  # row i - 1 is the first of its key
-            first, taken, seen = i - 1, {keys[i - 1]}, {sources[i - 1]}
-        if cfg.key_column is None and offsets[i] == -1 and sources[i] not in seen:
-            unique[i] = _suffixed_key(keys[first], sources[i], taken)
-            taken.add(unique[i])
-            seen.add(sources[i])
+    group_starts = [i for i in range(len(keys)) if i == 0 or keys[i] != keys[i - 1]]
+    for start, stop in zip(group_starts, [*group_starts[1:], len(keys)]):
+        earlier = held.get(orders[start], {})
+        if stop - start == 1 and keys[start] not in earlier:
             continue
-        keep[i] = False
-        detail = f"same key as {sources[first]}"
-        rejects.append(
-            {
-                "key": keys[i],
-                "source": sources[i],
-                "reason": "duplicate-key",
-                "detail": detail,
-                "split": None,
-                "shard": None,
-            }
-        )
+        taken, seen = set(earlier), set(earlier.values())
+        holder = earlier.get(keys[start])
+        for i in range(start, stop):
+            if keys[i] not in taken:  # the first row of a key no earlier generation gave
+                taken.add(keys[i])
+                seen.add(sources[i])
+                holder = sources[i]
+                continue
+            if cfg.key_column is None and offsets[i] == -1 and sources[i] not in seen:
+                unique[i] = _suffixed_key(keys[i], sources[i], taken)
+                taken.add(unique[i])
+                seen.add(sources[i])
+                continue
+            keep[i] = False
+            detail = f"same key as {holder}" + (" (sharded earlier)" if keys[i] in earlier else "")
+            rejects.append(_planning_reject(keys[i], sources[i], "duplicate-key", detail, generation))
     return pa.array(keep), unique
 
 
-def _make_plan(kind: str, src_fs, src: str, cfg: ShardConfig, classes_in: list[str] | None, log) -> ShardPlan:
-    """Index and bucket the corpus with Ray Data; returns what the writers and the finish need."""
+def _held_keys(fs, paths: list[str], orders: np.ndarray) -> dict[int, dict[str, str]]:
+    """The keys earlier generations gave (with their sources) whose ``order`` is one of ``orders``: each key file
+    is sorted by order, so only the row groups whose order range holds one of them are read."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    held: dict[int, dict[str, str]] = {}
+    wanted = np.unique(orders) if paths else []
+    if not len(wanted):
+        return held
+    for path in paths:
+        with fs.open(path, "rb") as f:
+            keys_file = pq.ParquetFile(f)
+            column = keys_file.schema_arrow.get_field_index("order")
+            groups = [
+                g
+                for g in range(keys_file.num_row_groups)
+                if _may_hold(keys_file.metadata.row_group(g).column(column).statistics, wanted)
+            ]
+            if not groups:
+                continue
+            found = keys_file.read_row_groups(groups, columns=["key", "source", "order"])
+        found = found.filter(pc.is_in(found.column("order"), value_set=pa.array(wanted, pa.uint64())))
+        for key, source, order in zip(*(found.column(c).to_pylist() for c in ("key", "source", "order"))):
+            held.setdefault(order, {})[key] = source
+    return held
+
+
+def _may_hold(stats, wanted: np.ndarray) -> bool:
+    """Whether a row group whose order statistics are ``stats`` may hold one of the sorted ``wanted`` orders."""
+    if stats is None or not stats.has_min_max:
+        return True
+    first = np.searchsorted(wanted, np.uint64(stats.min))
+    return bool(first < len(wanted) and wanted[first] <= np.uint64(stats.max))
+
+
+def _write_keys(fs, dst: str, buckets: list[int], path: str) -> int:
+    """The keys of this plan (every row a bucket kept), sorted by ``order``, to ``path``; returns how many. The
+    buckets are consecutive ranges of the order, so sorting each and writing them in turn sorts the whole, one
+    bucket in memory at a time."""
+    import pyarrow.parquet as pq
+
+    written = 0
+    with open_for_writing(fs, path, "wb") as f, pq.ParquetWriter(f, KEYS_SCHEMA) as writer:
+        for bucket in sorted(buckets):
+            with fs.open(_bucket_path(dst, bucket), "rb") as part:
+                keys = pq.read_table(part, columns=KEYS_SCHEMA.names).sort_by([("order", "ascending")])
+            # row groups of 16k keys: a later lookup reads only the groups its orders fall in
+            writer.write_table(keys.cast(KEYS_SCHEMA), row_group_size=16_384)
+            written += keys.num_rows
+    return written
+
+
+def _make_plan(
+    kind: str,
+    src_fs,
+    src: str,
+    cfg: ShardConfig,
+    classes_in: list[str] | None,
+    log,
+    increment: Increment | None = None,
+) -> ShardPlan:
+    """Index and bucket the corpus with Ray Data; returns what the writers and the finish need. With an
+    ``increment``, only its new inputs: an empty plan when none of them is left to list, and ``single_label``
+    tells whether the new ones alone have at most one label each (the caller checks it against the output's)."""
     import pyarrow.compute as pc
     import ray.data
     from ray.data.context import DataContext, ShuffleStrategy
@@ -205,6 +324,15 @@ def _make_plan(kind: str, src_fs, src: str, cfg: ShardConfig, classes_in: list[s
         raise ShardError(f"no samples found in {cfg.src}")
     # what a row's source is relative to when its path is left null: the label table's folder, or SRC
     path_base = posixpath.dirname(units[0]["path"]) if kind == "table" else src
+    only = None
+    if increment is not None:
+        if kind == "tars":  # a tar is new or not as a whole: the old ones are not even opened
+            new_tars = set(increment.only)
+            units = [u for u in units if _rel(u["path"], src) in new_tars]
+        else:
+            only = pa.array(increment.only, pa.string())
+        if not units:
+            return _empty_plan(increment, path_base)
     if len(units) >= 2**31:
         raise ShardError(f"{len(units):,} listing units is more than the index can number")
     items = [{"unit": i, "spec": json.dumps(u)} for i, u in enumerate(units)]
@@ -219,19 +347,29 @@ def _make_plan(kind: str, src_fs, src: str, cfg: ShardConfig, classes_in: list[s
                 _index_unit,
                 batch_size=1,
                 batch_format="pyarrow",
-                fn_kwargs={"cfg": cfg, "root": src, "classes": classes_in},
+                fn_kwargs={"cfg": cfg, "root": src, "classes": classes_in, "only": only},
             )
             .materialize()
         )
         listed = index.count()
-        log(f"listed {listed:,} inputs in {len(units):,} units")
+        log(f"listed {listed:,} {'new ' if increment else ''}inputs in {len(units):,} units")
         if listed == 0:
+            if increment is not None:
+                return _empty_plan(increment, path_base)
             raise ShardError(f"no samples found in {cfg.src}")
         bits = _bucket_bits(listed)
         planned = (
             index.map_batches(_with_bucket, batch_format="pyarrow", fn_kwargs={"bits": bits})
             .groupby("bucket")
-            .map_groups(_plan_bucket, batch_format="pyarrow", fn_kwargs={"cfg": cfg})
+            .map_groups(
+                _plan_bucket,
+                batch_format="pyarrow",
+                fn_kwargs={
+                    "cfg": cfg,
+                    "generation": increment.generation if increment else 0,
+                    "held_keys": increment.held_keys if increment else None,
+                },
+            )
         )
         counts: dict[str, dict[int, int]] = {}
         seen = pa.array([], pa.string())
@@ -251,9 +389,12 @@ def _make_plan(kind: str, src_fs, src: str, cfg: ShardConfig, classes_in: list[s
     unsafe = sorted(split for split in counts if not SPLIT_NAME.fullmatch(split))
     if unsafe:  # a split names shard files: "../x" or "a/b" would write outside DST or into folders of it
         raise ShardError(f"split names must be letters, digits, '_', '-' or '.' (not first), at most 64: {unsafe[:5]}")
-    classes = _class_list(classes_in, sorted(seen.to_pylist()))
+    # an increment keeps the output's ids (SRC's classes.json first) and appends labels it has not seen
+    classes = _class_list(increment.classes if increment else classes_in, sorted(seen.to_pylist()))
     sizes = {split: sum(per_bucket.values()) for split, per_bucket in counts.items()}
-    if cfg.shard_samples:
+    if increment is not None:
+        samples_per_shard = increment.samples_per_shard
+    elif cfg.shard_samples:
         samples_per_shard = cfg.shard_samples
     else:
         mean = known_bytes / known_count if known_count else _mean_file_size(dst_fs, dst, src_fs, counts, path_base)
@@ -274,6 +415,24 @@ def _make_plan(kind: str, src_fs, src: str, cfg: ShardConfig, classes_in: list[s
         num_shards={split: -(-n // samples_per_shard) for split, n in sizes.items()},
         buckets=buckets,
         path_base=path_base,
+        generation=increment.generation if increment else 0,
+        first_shard={split: increment.first_shard.get(split, 0) for split in sizes} if increment else {},
+    )
+
+
+def _empty_plan(increment: Increment, path_base: str) -> ShardPlan:
+    """An increment whose new files hold no input (a new tar with no member, ...): nothing to write, but the
+    generation is still recorded, so these files are not new again next time."""
+    return ShardPlan(
+        read=0,
+        classes=list(increment.classes),
+        single_label=increment.single_label,
+        samples_per_shard=increment.samples_per_shard,
+        sizes={},
+        num_shards={},
+        buckets={},
+        path_base=path_base,
+        generation=increment.generation,
     )
 
 

@@ -81,7 +81,7 @@ class ShardWriter:
                         if match:
                             reason, detail = "duplicate-of-eval", match
                 if reason:
-                    rejects.append(self._reject(row, reason, detail, split, index))
+                    rejects.append(self._reject(row, reason, detail, split, index, self.plan.generation))
                     continue
                 ids = [self.class_ids[n] for n in row["labels"]]
                 meta = {
@@ -112,6 +112,7 @@ class ShardWriter:
             "sha256": sink.sha256.hexdigest(),
             "label_histogram": json.dumps({str(k): v for k, v in sorted(histogram.items())}),
             "rejected": len(rejects),
+            "generation": self.plan.generation,
         }
         # The marker goes last: a shard without one is redone (identically) by the next run.
         write_json(fs, _done_marker(dst, split, index), {"manifest": entry, "rejects": rejects}, indent=None)
@@ -160,7 +161,7 @@ class ShardWriter:
         return out
 
     @staticmethod
-    def _reject(row: dict, reason: str, detail: str, split: str, index: int) -> dict:
+    def _reject(row: dict, reason: str, detail: str, split: str, index: int, generation: int) -> dict:
         return {
             "key": row["key"],
             "source": row["source"],
@@ -168,6 +169,7 @@ class ShardWriter:
             "detail": detail[:500],
             "split": split,
             "shard": index,
+            "generation": generation,
         }
 
 
