@@ -16,8 +16,14 @@ import fsspec
 
 
 def filesystem(url: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The filesystem for ``url`` and the path on it, without a trailing slash (so joins never double it)."""
-    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    """The filesystem for ``url`` and the path on it, without a trailing slash (so joins never double it).
+
+    Without listings cached: fsspec shares one instance per set of options in a process, and a long-lived process
+    (a Ray worker, a scheduler) would otherwise answer from a listing made before new objects arrived, and call
+    them missing. Our data changes under us by design (new images every week), so every question goes to the
+    store. ``use_listings_cache`` in ``storage_options`` overrides this."""
+    options = {"use_listings_cache": False, **(storage_options or {})}
+    fs, path = fsspec.core.url_to_fs(url, **options)
     return fs, path.rstrip("/") or path
 
 

@@ -325,6 +325,9 @@ def serve(*, log: Callable[[str], None] = print, stop_after: float | None = None
     by the user, the local Prefect server on 127.0.0.1 first). ``stop_after``: seconds, for tests."""
     processes: list[subprocess.Popen] = []
     url = os.environ["PREFECT_API_URL"]
+    # SIGTERM (systemd, kill, a container stopping) ends us through the finally below, which stops the worker
+    # and the server we started: they run in sessions of their own, so nothing else would.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         if url == local_api_url() and not _healthy(url):
             home = Path(os.environ["PREFECT_HOME"])

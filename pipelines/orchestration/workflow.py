@@ -186,6 +186,11 @@ class _Runner:
             datasets = {"pretrain": self.cfg.pretrain_data, **datasets}
         return datasets
 
+    def _why_reshard(self, line: str) -> None:
+        """Of the sharding job's lines (those of `vit shard`), the pipeline passes on why it re-shards all."""
+        if "full re-shard" in line:
+            self.log(f"      {line}")
+
     def _corpus_of(self, which: str) -> str | None:
         """The corpus a dataset is sharded from: made by the corpus step, or its source (None: given as shards)."""
         data = self.cfg.pretrain_data if which == "pretrain" else self.cfg.finetune_data
@@ -371,12 +376,15 @@ class _Runner:
                 if eval_sets:
                     self.log(f"      without near-duplicates of the evaluation images in {eval_sets[0]}")
                 shard_cfg = data.shard_config(src=source, dst=dst, storage_options=options, eval_sets=eval_sets)
-                summary = shard_corpus(shard_cfg, log=lambda *_: None)
+                summary = shard_corpus(shard_cfg, log=self._why_reshard)
                 metrics.update({f"{which}/read": summary.read, f"{which}/written": summary.written})
                 metrics.update({f"{which}/rejected": summary.rejected, f"{which}/shards": summary.shards})
+                metrics[f"{which}/generation"] = summary.generation
+                how = {"full": "", "confirmed": "; unchanged", "incremental": f"; {summary.new:,} new images"}
                 self.log(
                     f"      {summary.written:,} written + {summary.rejected:,} rejected = {summary.read:,} read, "
-                    f"in {summary.shards} shards ({', '.join(f'{k} {v:,}' for k, v in summary.splits.items())})"
+                    f"in {summary.shards} shards ({', '.join(f'{k} {v:,}' for k, v in summary.splits.items())}); "
+                    f"generation {summary.generation}{how.get(summary.mode, '')}"
                 )
             outputs[f"shards_{which}"] = dst
             outputs[f"fingerprint_{which}"] = dataset_fingerprint(dst, options)

@@ -79,3 +79,35 @@ def digits_shards(ray_local, tmp_path_factory) -> str:
     cfg = ShardConfig(src=str(root / "corpus"), dst=str(root / "shards"), shard_samples=300)
     shard_corpus(cfg, log=lambda *_: None)
     return cfg.dst
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory) -> str:
+    """Weights to fine-tune from without pretraining (`pretrain: null`, `finetune.init_from`): a 2-block width-48
+    ViT at 16 px in this platform's format, so a whole pipeline runs in seconds of training."""
+    import torch
+
+    import vit
+
+    torch.manual_seed(0)
+    config = vit.ViTConfig(
+        img_size=16, patch_size=8, width=48, depth=2, num_heads=4, mlp_dim=96, num_classes=5, representation_size=24
+    )
+    path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
+    vit.save_checkpoint(vit.VisionTransformer(config), path)
+    return str(path)
+
+
+# A pipeline's fine-tuning from `tiny_weights` at toy size (with "pretrain=null", f"finetune.init_from={path}").
+TINY_FINETUNE = [
+    "finetune.steps=6",
+    "finetune.optim.warmup_steps=2",
+    "evaluate.shots=[1,5]",
+    "finetune.data.loader_workers=0",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_finetune(tiny_weights) -> list[str]:
+    """Overrides of the local pipeline that skip pretraining and fine-tune `tiny_weights` for a few steps."""
+    return [*TINY_FINETUNE, "pretrain=null", f"finetune.init_from={tiny_weights}"]

@@ -155,29 +155,29 @@ def test_render_writes_the_same_schedule_as_a_raycronjob_without_credentials(pre
 
 
 def test_a_firing_runs_the_pipeline_then_costs_seconds_when_nothing_changed_and_skips_a_busy_workdir(
-    prefect_env, worker, tmp_path
+    prefect_env, worker, tiny_finetune, tmp_path
 ):
-    from test_released_weights import TINY, odd_model, write_npz
-
     from pipelines.orchestration.lease import WorkdirLease
 
-    npz = write_npz(odd_model(representation_size=24), tmp_path / "ViT-tiny.npz")
     workdir = tmp_path / "work"
-    overrides = [*TINY, "pretrain=null", f"finetune.init_from={npz}", "workdir=work", "tracking.enabled=false"]
+    overrides = [*tiny_finetune, "workdir=work", "tracking.enabled=false"]
     result = vit(prefect_env, "schedule", "add", "tiny", "local", *overrides, "--cron", "0 0 1 1 *", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
 
-    first = vit(prefect_env, "schedule", "run", "tiny")  # fired; it runs in the worker meanwhile
-    assert first.returncode == 0, first.stderr
-    first_id = first.stdout.split()[2].rstrip(":")
-    overlap = vit(prefect_env, "schedule", "run", "tiny", "--wait", "--timeout", "300")
-    assert "Cancelled: Deployment concurrency limit reached" in overlap.stdout, overlap.stdout + overlap.stderr
+    # two firings at once: one runs the pipeline, the other is skipped with Prefect's reason (which one is up to
+    # the order the worker takes them in)
+    fired = [vit(prefect_env, "schedule", "run", "tiny") for _ in range(2)]
+    assert all(r.returncode == 0 for r in fired), [r.stderr for r in fired]
+    ids = [r.stdout.split()[2].rstrip(":") for r in fired]
     deadline = time.monotonic() + 600
-    while (firing := firings(prefect_env, "tiny")[first_id])["state"] not in ("Completed", "Failed", "Crashed"):
+    final = ("Completed", "Cancelled", "Failed", "Crashed")
+    while not all((ended := firings(prefect_env, "tiny"))[i]["state"] in final for i in ids):
         assert time.monotonic() < deadline, worker.read_text()[-3000:]
         time.sleep(2)
-    assert firing["state"] == "Completed", (firing, worker.read_text()[-3000:])
-    assert firing["message"].startswith("ran corpus, shard, finetune, evaluate, register in ")
+    outcomes = sorted((ended[i]["state"], ended[i]["message"] or "") for i in ids)
+    assert [state for state, _ in outcomes] == ["Cancelled", "Completed"], (outcomes, worker.read_text()[-3000:])
+    assert "Deployment concurrency limit reached" in outcomes[0][1]
+    assert outcomes[1][1].startswith("ran corpus, shard, finetune, evaluate, register in ")
     # `workdir=work` resolved in the folder where the schedule was added, not the worker's
     assert json.loads((workdir / "pipeline" / "register.json").read_text())["status"] == "done"
 
@@ -192,3 +192,39 @@ def test_a_firing_runs_the_pipeline_then_costs_seconds_when_nothing_changed_and_
     listed = schedules(prefect_env)["tiny"]
     assert listed["last_state"] == "Cancelled" and "in use by" in listed["last_message"]
     vit(prefect_env, "schedule", "remove", "tiny")
+
+
+def test_a_firing_for_a_cluster_submits_there_and_fails_with_the_reason_when_it_does_not_answer(
+    prefect_env, worker, unused_port, tmp_path
+):
+    address = f"http://127.0.0.1:{unused_port()}"
+    overrides = ["workdir=/tmp/vit-never", "tracking.uri=http://127.0.0.1:5000"]
+    result = vit(prefect_env, "schedule", "add", "remote", "local", *overrides, "--cron", "0 0 1 1 *",
+                 "--address", address, cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert schedules(prefect_env)["remote"]["address"] == address
+    fired = vit(prefect_env, "schedule", "run", "remote", "--wait", "--timeout", "300")
+    assert fired.returncode == 1 and ": Failed" in fired.stdout, fired.stdout + fired.stderr
+    assert address.removeprefix("http://") in worker.read_text()  # the worker's log: where it tried to submit
+    vit(prefect_env, "schedule", "remove", "remote")
+
+
+def test_serve_without_a_team_server_starts_a_local_one_on_loopback_with_its_store_in_the_data_folder(
+    prefect_env, unused_port, tmp_path
+):
+    env = {k: v for k, v in prefect_env.items() if k not in ("PREFECT_API_URL", "PREFECT_HOME")}
+    env |= {"VIT_SCHEDULE_PORT": str(unused_port()), "XDG_DATA_HOME": str(tmp_path / "data")}
+    serve = subprocess.Popen([VIT, "schedule", "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while (listed := vit(env, "schedule", "list")).returncode != 0:
+            assert serve.poll() is None and time.monotonic() < deadline, listed.stderr
+            time.sleep(1)
+        assert "no schedules" in listed.stdout
+        assert (tmp_path / "data" / "vit" / "prefect" / "prefect.db").exists()
+        assert vit(env, "schedule", "add", "local-one", "local", "--cron", "0 3 * * *").returncode == 0
+    finally:
+        os.killpg(serve.pid, signal.SIGTERM)
+        out, _ = serve.communicate(timeout=60)
+    assert f"starting the local scheduler on http://127.0.0.1:{env['VIT_SCHEDULE_PORT']}/api" in out

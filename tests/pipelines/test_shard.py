@@ -390,6 +390,26 @@ def test_s3_to_s3(tmp_path, s3_bucket, s3_storage_options):
     assert again.shards_written_now == 0
 
 
+@pytest.mark.parametrize("direction", ["s3 corpus, local shards", "local corpus, s3 shards"])
+def test_a_corpus_and_its_shards_on_different_filesystems(tmp_path, s3_bucket, s3_storage_options, direction):
+    """Inputs are read from the corpus's filesystem, not the output's (every input was once 'missing')."""
+    import s3fs
+
+    src = tmp_path / "src"
+    count = write_folder_corpus(src, per_class=4)
+    fs = s3fs.S3FileSystem(**s3_storage_options)
+    if direction.startswith("s3 corpus"):
+        for path in sorted(p for p in src.rglob("*") if p.is_file()):
+            fs.pipe(f"{s3_bucket}/corpus/{path.relative_to(src)}", path.read_bytes())
+        source, dst = f"{s3_bucket}/corpus", str(tmp_path / "shards")
+    else:
+        source, dst = str(src), f"{s3_bucket}/shards"
+    cfg = ShardConfig(src=source, dst=dst, shard_samples=5, storage_options=s3_storage_options)
+    summary = shard_corpus(cfg, log=lambda *_: None)
+    assert summary.written == count and summary.rejected == 0, summary.rejected_by_reason
+    assert verify_shards(dst, s3_storage_options) == []
+
+
 # --------------------------------------------------------------------------------------------- exactly once
 
 

@@ -53,6 +53,9 @@ class ShardWriter:
     def __call__(self, batch: pa.Table) -> pa.Table:
         cfg = self.cfg
         fs, dst = filesystem(cfg.dst, cfg.storage_options)
+        # The inputs live on the corpus's filesystem, which need not be the output's (an s3:// corpus sharded
+        # into a local folder, or the other way round): the plan's paths are paths on it.
+        source_fs, _ = filesystem(cfg.src, cfg.storage_options)
         split, index = batch.column("split")[0].as_py(), int(batch.column("shard")[0].as_py())
         lo, hi = int(batch.column("lo")[0].as_py()), int(batch.column("hi")[0].as_py())
         buckets = json.loads(batch.column("buckets")[0].as_py())
@@ -65,7 +68,7 @@ class ShardWriter:
         pending: list[bytes] = []
         with open_for_writing(fs, tmp, "wb") as raw:
             sink = _HashingWriter(raw)
-            for row, data in self._read(fs, rows):
+            for row, data in self._read(source_fs, rows):
                 reason, detail = None, ""
                 if isinstance(data, Exception):
                     reason, detail = _read_failure(data)
