@@ -110,6 +110,7 @@ def test_new_images_in_an_s3_corpus_reach_the_shards_and_fine_tuning(
 
     corpus, images, labels = user_corpus
     fs = s3fs.S3FileSystem(**s3_storage_options)
+
     def upload(folder) -> None:  # object by object: the keys are exactly the corpus's relative paths
         for path in sorted(folder.rglob("*.png")):
             fs.pipe(f"{s3_bucket}/digits/{path.relative_to(folder)}", path.read_bytes())
