@@ -145,7 +145,7 @@ def shard(src: str, dst: str | None, address: str | None, overwrite: bool, **opt
         if shard_bytes:
             options["shard_bytes"] = _parse_bytes(shard_bytes, "--shard-bytes")
         elif options["shard_samples"] is None:
-            options["shard_samples"] = 10_000
+            del options["shard_samples"]  # ShardConfig's own default: written once, there
         if max_file_bytes:
             options["max_file_bytes"] = _parse_bytes(max_file_bytes, "--max-file-bytes")
         cfg = ShardConfig(src=src, dst=dst, **options)
