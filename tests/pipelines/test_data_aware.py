@@ -139,3 +139,36 @@ def test_new_images_in_an_s3_corpus_reach_the_shards_and_fine_tuning(
     result = run_pipeline(cfg, log=said.append)
     assert result.ran == ["shard", "finetune", "evaluate", "register"], said
     assert any("generation 1; 50 new images" in line for line in said), said
+
+
+def test_new_pretraining_images_reuse_the_pretraining_unless_asked(ray_local, user_corpus, tmp_path):
+    from pipelines.common.config import load_config
+    from pipelines.orchestration.config import LOCAL_CONFIG, PipelineConfig
+    from pipelines.orchestration.workflow import run_pipeline
+
+    corpus, images, labels = user_corpus
+    upstream = tmp_path / "upstream"  # a pretraining corpus: class folders, no split folders
+    for i in range(900, 1200):
+        _write(upstream, "all", [i], images, labels)
+    overrides = [
+        "pretrain.steps=4", "pretrain.optim.warmup_steps=1", "pretrain.checkpoint_every=4",
+        "pretrain.data.loader_workers=0", f"pretrain_data.source={upstream / 'all'}",
+        "pretrain_data.shard_samples=100", "pretrain_data.val_fraction=0.1", "pretrain_data.dedup_against_eval=false",
+        "finetune.steps=4", "finetune.optim.warmup_steps=1", "finetune.data.loader_workers=0",
+        f"finetune_data.source={corpus}", "finetune_data.shard_samples=200", "evaluate.shots=[1]",
+        f"workdir={tmp_path / 'work'}", "tracking.enabled=false",
+    ]  # fmt: skip
+
+    def run(*extra: str) -> tuple[list[str], str]:
+        said: list[str] = []
+        result = run_pipeline(load_config(PipelineConfig, LOCAL_CONFIG, [*overrides, *extra]), log=said.append)
+        return result.ran, "\n".join(said)
+
+    ran, log = run()
+    assert ran == ["shard", "pretrain", "finetune", "evaluate", "register"], log
+    _write(upstream, "all", range(1200, 1250), images, labels)
+    ran, log = run()  # only the shards take the new images; the expensive pretraining is reused, and said so
+    assert ran == ["shard"], log
+    assert "50 new images" in log and "reusing it (pretrain.rerun_on_new_data is false" in log
+    ran, log = run("pretrain.rerun_on_new_data=true")
+    assert ran == ["pretrain", "finetune", "evaluate", "register"], log

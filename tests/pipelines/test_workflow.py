@@ -64,6 +64,8 @@ def test_the_pipeline_runs_every_step_and_tells_the_story_in_mlflow(pipeline):
     assert "RayTrainWorker" not in stdout + stderr and "TrainController" not in stdout + stderr
     assert "streaming_executor" not in stderr and "Traceback" not in stderr  # nor Ray Data's per-dataset plans
     assert 0.0 <= top1 <= 100.0 and "models:/wf-model/1" in stdout and "mlflow" in stdout.lower()
+    # the pretraining corpus is de-duplicated against the downstream test images (paper, section 4.1)
+    assert f"without near-duplicates of the evaluation images in {workdir}/corpus/digits/test" in stdout
     client = mlflow.MlflowClient()
     parent = client.get_run(parent_id)
     assert parent.info.status == "FINISHED" and parent.info.run_name == "pipeline demo"
