@@ -270,8 +270,9 @@ class Firing:
 
 
 def history(name: str, limit: int = 10) -> list[Firing]:
-    """The last ``limit`` firings of ``name``, newest first, skipped ones included, each with its reason."""
-    every = list(StateType)
+    """The last ``limit`` firings of ``name`` (running or ended), newest first, skipped ones included, each with
+    its reason."""
+    every = [state for state in StateType if state != StateType.SCHEDULED]  # those are the next firings
     with _client() as client:
         runs = _runs(client, _require(client, name).id, every, FlowRunSort.EXPECTED_START_TIME_DESC, limit=limit)
 
@@ -362,11 +363,11 @@ def serve(*, log: Callable[[str], None] = print, stop_after: float | None = None
     finally:
         for process in reversed(processes):  # the worker first: it may still report a run's end to the server
             if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
+                process.send_signal(signal.SIGINT)  # Ctrl-C: how each expects to be stopped
                 try:
-                    process.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    process.kill()
+                    process.wait(timeout=15)
+                except subprocess.TimeoutExpired:  # Prefect's worker can sit on SIGINT; a firing it ran
+                    process.kill()  # is marked crashed by the server, and the schedule goes on
 
 
 # ------------------------------------------------------------------------------------------- Kubernetes
@@ -456,10 +457,24 @@ def render_kuberay(name: str, *, image: str = "vit-platform:latest", gpu_nodes: 
         f"# `vit schedule render {name} --target kuberay`: the schedule {info.cron!r} ({info.timezone}) as a KubeRay\n"
         "# RayCronJob (KubeRay >= 1.6, RayCronJob feature gate on). kubectl apply -n vit -f this file.\n"
     )
-    return header + yaml.safe_dump_all([config_map, cron_job], sort_keys=False)
+    return header + yaml.dump_all([config_map, cron_job], Dumper=_literal_dumper(), sort_keys=False)
 
 
 # ------------------------------------------------------------------------------------------- helpers
+
+
+def _literal_dumper():
+    import yaml
+
+    class Dumper(yaml.SafeDumper):
+        """Multi-line strings as ``|`` blocks: the ConfigMap's config reads as the file it came from."""
+
+    def text(dumper, value: str):
+        style = "|" if "\n" in value else None
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+    Dumper.add_representer(str, text)
+    return Dumper
 
 
 def _client():
@@ -538,11 +553,26 @@ def _info(client, deployment) -> ScheduleInfo:
         overrides=list(parameters.get("overrides") or []),
         address=parameters.get("address"),
         directory=parameters.get("directory"),
-        next_firing=upcoming[0].expected_start_time.isoformat() if upcoming and not deployment.paused else None,
+        next_firing=None if deployment.paused else _next_firing(upcoming, cron, timezone),
         last_firing=(last[0].start_time or last[0].expected_start_time).isoformat() if last else None,
         last_state=last[0].state.name if last and last[0].state else None,
         last_message=last[0].state.message if last and last[0].state else None,
     )
+
+
+def _next_firing(upcoming: list, cron: str, timezone: str) -> str | None:
+    """The first scheduled firing; before Prefect's scheduler has made it (it runs every few seconds after an
+    ``add``), the next time the cron names."""
+    if upcoming:
+        return upcoming[0].expected_start_time.isoformat()
+    if not cron:
+        return None
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+
+    from cronsim import CronSim  # Prefect's own cron library
+
+    return next(CronSim(cron, datetime.now(ZoneInfo(timezone or "UTC")))).isoformat()
 
 
 def _first_line(err: Exception) -> str:

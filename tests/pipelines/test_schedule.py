@@ -10,7 +10,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from datetime import datetime
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 import yaml
@@ -93,6 +95,8 @@ def test_add_list_pause_resume_remove_and_the_mistakes_refused(prefect_env, tmp_
     assert listed["cron"] == "0 3 * * 0" and listed["timezone"] == "Europe/Berlin" and not listed["paused"]
     assert listed["config"] == "local" and listed["overrides"] == ["workdir=/tmp/x"]
     assert listed["directory"] == str(tmp_path) and listed["last_firing"] is None
+    upcoming = datetime.fromisoformat(listed["next_firing"]).astimezone(ZoneInfo("Europe/Berlin"))
+    assert (upcoming.weekday(), upcoming.hour, upcoming.minute) == (6, 3, 0)  # Sunday 03:00, Berlin time
 
     text = vit(prefect_env, "schedule", "list").stdout
     assert "weekly  [active]  0 3 * * 0 (Europe/Berlin)" in text and "last firing  never" in text
@@ -149,6 +153,7 @@ def test_render_writes_the_same_schedule_as_a_raycronjob_without_credentials(pre
     assert cron_job["spec"]["suspend"] is True  # paused here, suspended there
     entrypoint = cron_job["spec"]["jobTemplate"]["entrypoint"]
     assert entrypoint == "python -m pipelines.cli run /etc/vit/pipeline.yaml finetune.steps=1000"
+    assert "pipeline.yaml: |" in out.read_text()  # the config as a block, readable as the file it came from
     shipped = yaml.safe_load(config_map["data"]["pipeline.yaml"])
     assert shipped["workdir"] == "s3://bucket/vit" and "s3cr3t" not in out.read_text() and "AKIA" not in out.read_text()
     vit(prefect_env, "schedule", "remove", "nightly")
@@ -171,7 +176,7 @@ def test_a_firing_runs_the_pipeline_then_costs_seconds_when_nothing_changed_and_
     ids = [r.stdout.split()[2].rstrip(":") for r in fired]
     deadline = time.monotonic() + 600
     final = ("Completed", "Cancelled", "Failed", "Crashed")
-    while not all((ended := firings(prefect_env, "tiny"))[i]["state"] in final for i in ids):
+    while not all((ended := firings(prefect_env, "tiny")).get(i, {}).get("state") in final for i in ids):
         assert time.monotonic() < deadline, worker.read_text()[-3000:]
         time.sleep(2)
     outcomes = sorted((ended[i]["state"], ended[i]["message"] or "") for i in ids)
