@@ -12,7 +12,8 @@ the dominant object: for evaluation, never for training) and, where the corpus i
 ``primary_class`` indexes a leaf directly), then the superclasses (ids K..K+S-1, ``superclass`` null).
 
 ``classes.json`` is written first and ``labels.parquet`` last, so a table corpus without the label table is an
-unfinished run. ``overwrite=True`` replaces only folders holding a ``classes.json``: never someone else's files.
+unfinished run. ``overwrite=True`` replaces only a corpus this module wrote (its hidden ``.vit-corpus`` marker, or
+an older corpus's exact layout): never someone else's files.
 What the synthetic images show, and how they are drawn, is ``pipelines.data.synth``'s; this module writes them.
 """
 

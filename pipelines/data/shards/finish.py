@@ -181,7 +181,7 @@ def _commit(fs, dst: str, out: str, plan: ShardPlan, info: dict, summary_record:
         _move(fs, record, join(dst, SOURCES_FILE))
     _move(fs, join(out, REJECTS_FILE), join(dst, REJECTS_FILE))
     _move(fs, join(out, MANIFEST_FILE), join(dst, MANIFEST_FILE))
-    # byte for byte as before for generation 0: a dataset's fingerprint (pipelines.tracking) hashes this file
+    # byte for byte as before for generation 0: a dataset's fingerprint (format.dataset_fingerprint) hashes this file
     write_atomically(fs, join(dst, INFO_FILE), json.dumps(info, indent=1).encode())
     write_json(fs, join(dst, SUMMARY_FILE), summary_record)
     fs.rm(_work_path(dst), recursive=True)  # markers served their purpose: summary.json says "done"

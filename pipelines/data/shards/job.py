@@ -43,8 +43,8 @@ from pipelines.data.shards.write import ShardWriter, _write_shard
 
 
 def shard_corpus(cfg: ShardConfig, *, overwrite: bool = False, progress: bool = False, log=print) -> ShardSummary:
-    """Run (or finish, or confirm, or extend) the sharding of ``cfg.src`` into ``cfg.dst``. Needs Ray initialised
-    (``ray.init()`` on a laptop, ``ray.init(address=...)`` on a cluster); starts a local one otherwise.
+    """Run (or finish, or confirm, or extend) the sharding of ``cfg.src`` into ``cfg.dst``, on the Ray this process
+    joined (``pipelines.common.ray.init_ray``: a cluster's with an address), else on a local one it starts.
     ``progress`` shows a bar of shards and images written (instead of Ray Data's per-operator bars).
 
     A finished output made with the same settings is compared with a listing of the corpus (sources.py): the
