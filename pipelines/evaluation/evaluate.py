@@ -164,12 +164,8 @@ def evaluate_model(
     if not cfg.model or not cfg.shards:
         raise ValueError("model and shards are both needed")
     started = time.perf_counter()
-    path = local_weights(resolve_weights(cfg.model, cfg.storage_options), cfg.storage_options)
-    image_size = cfg.image_size
-    model = vit.load_model(path, **({"img_size": image_size} if image_size else {}))
+    model, test = _model_and_test_set(cfg)
     image_size = model.config.img_size
-    model.eval()
-    test = open_shards(cfg.shards, cfg.split, cfg.storage_options)
     results: dict[str, float] = {}
 
     if model.config.num_classes == test.num_classes:
@@ -230,14 +226,18 @@ def _score(model: vit.VisionTransformer, batches, num_classes: int) -> dict:
 def top1_correct(cfg: EvaluateConfig) -> tuple[np.ndarray, np.ndarray]:
     """Each image's top-1 correctness and primary label on ``cfg.split`` (no few-shot): a champion re-scored on
     the challenger's evaluation set, in the same order as ``evaluate_model`` scores it with the same settings."""
-    path = local_weights(resolve_weights(cfg.model, cfg.storage_options), cfg.storage_options)
-    model = vit.load_model(path, **({"img_size": cfg.image_size} if cfg.image_size else {}))
-    model.eval()
-    test = open_shards(cfg.shards, cfg.split, cfg.storage_options)
+    model, test = _model_and_test_set(cfg)
     if model.config.num_classes != test.num_classes:
         raise ValueError(f"{cfg.model}: its head has {model.config.num_classes} classes, the set {test.num_classes}")
     scored = _score(model, _batches(test, cfg, model.config.img_size), test.num_classes)
     return scored["top1_correct"], scored["labels"]
+
+
+def _model_and_test_set(cfg: EvaluateConfig) -> tuple[vit.VisionTransformer, ShardSet]:
+    """The model to score (in eval mode, at ``cfg.image_size`` if set) and the split it is scored on."""
+    path = local_weights(resolve_weights(cfg.model, cfg.storage_options), cfg.storage_options)
+    model = vit.load_model(path, **({"img_size": cfg.image_size} if cfg.image_size else {}))
+    return model.eval(), open_shards(cfg.shards, cfg.split, cfg.storage_options)
 
 
 def _batches(shards: ShardSet, cfg: EvaluateConfig, image_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

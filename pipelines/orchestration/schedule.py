@@ -21,6 +21,7 @@ Kubernetes users get the same schedule as a RayCronJob from :func:`render_kubera
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -389,9 +390,8 @@ def render_kuberay(name: str, *, image: str = "vit-platform:latest", gpu_nodes: 
             raise ScheduleError(f"schedule {name!r}: its config {info.config!r} is gone")
         config_text, _ = config_without_secrets(found.read_text())
     slug = "vit-" + "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
-    entrypoint = " ".join(
-        ["python -m pipelines.cli run", "/etc/vit/pipeline.yaml" if info.config else "", *map(_quote, info.overrides)]
-    ).replace("  ", " ")
+    config_file = ["/etc/vit/pipeline.yaml"] if info.config else []
+    entrypoint = " ".join(["python -m pipelines.cli run", *config_file, *map(shlex.quote, info.overrides)])
     config_map = {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -577,9 +577,3 @@ def _next_firing(upcoming: list, cron: str, timezone: str) -> str | None:
 
 def _first_line(err: Exception) -> str:
     return str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-
-
-def _quote(text: str) -> str:
-    import shlex
-
-    return shlex.quote(text)

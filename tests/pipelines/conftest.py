@@ -7,6 +7,7 @@ environment: boto3, s3fs and pyarrow all honour the endpoint variable, so no tes
 
 from __future__ import annotations
 
+import contextlib
 import urllib.request
 from collections.abc import Iterator
 
@@ -111,3 +112,30 @@ TINY_FINETUNE = [
 def tiny_finetune(tiny_weights) -> list[str]:
     """Overrides of the local pipeline that skip pretraining and fine-tune `tiny_weights` for a few steps."""
     return [*TINY_FINETUNE, "pretrain=null", f"finetune.init_from={tiny_weights}"]
+
+
+@pytest.fixture
+def kill_session():
+    """SIGKILL every process of a ``Popen``'s session and wait until all are gone: Ray's workers run in process
+    groups of their own, so killing the group alone let a writer commit one more shard after the count."""
+    import os
+    import signal
+
+    import psutil
+
+    def kill(proc) -> None:
+        def in_session(p: psutil.Process) -> bool:
+            try:
+                return os.getsid(p.pid) == proc.pid
+            except OSError:
+                return False
+
+        os.killpg(proc.pid, signal.SIGKILL)
+        members = [p for p in psutil.process_iter() if in_session(p)]
+        for p in members:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        proc.wait()
+        psutil.wait_procs(members, timeout=30)
+
+    return kill

@@ -413,27 +413,7 @@ def test_a_corpus_and_its_shards_on_different_filesystems(tmp_path, s3_bucket, s
 # --------------------------------------------------------------------------------------------- exactly once
 
 
-def _kill_session(proc: subprocess.Popen) -> None:
-    """SIGKILL every process of ``proc``'s session and wait until all are gone: Ray's workers run in process
-    groups of their own, so killing the group alone let a writer commit one more shard after the count."""
-    import psutil
-
-    def in_session(p: psutil.Process) -> bool:
-        try:
-            return os.getsid(p.pid) == proc.pid
-        except OSError:
-            return False
-
-    os.killpg(proc.pid, signal.SIGKILL)
-    members = [p for p in psutil.process_iter() if in_session(p)]
-    for p in members:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
-    proc.wait()
-    psutil.wait_procs(members, timeout=30)
-
-
-def test_killed_run_resumes_to_identical_shards(tmp_path):
+def test_killed_run_resumes_to_identical_shards(tmp_path, kill_session):
     src = tmp_path / "src"
     write_folder_corpus(src, per_class=100)
     reference, killed = tmp_path / "reference", tmp_path / "killed"
@@ -453,7 +433,7 @@ def test_killed_run_resumes_to_identical_shards(tmp_path):
     while time.monotonic() < deadline and not (done_dir.exists() and any(done_dir.iterdir())):
         assert proc.poll() is None, "the run ended before it could be killed"
         time.sleep(0.02)
-    _kill_session(proc)  # the job and its Ray processes, mid-write
+    kill_session(proc)  # the job and its Ray processes, mid-write
     assert not (killed / "summary.json").exists(), "the run finished before the kill: make the corpus bigger"
     markers_at_kill = len(list(done_dir.iterdir()))
     assert 0 < markers_at_kill < 30

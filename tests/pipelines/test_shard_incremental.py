@@ -4,13 +4,10 @@ Real image bytes, the session's local Ray, moto's S3 server, a real kill."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -415,26 +412,7 @@ def test_an_incremental_run_stopped_while_committing_finishes_exactly_once(tmp_p
     assert not (dst / "_work").exists() and shard_corpus(cfg, log=Log()).mode == "confirmed"
 
 
-def _kill_session(proc: subprocess.Popen) -> None:
-    """SIGKILL every process of ``proc``'s session (Ray's workers have process groups of their own) and wait."""
-    import psutil
-
-    def in_session(p: psutil.Process) -> bool:
-        try:
-            return os.getsid(p.pid) == proc.pid
-        except OSError:
-            return False
-
-    os.killpg(proc.pid, signal.SIGKILL)
-    members = [p for p in psutil.process_iter() if in_session(p)]
-    for p in members:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
-    proc.wait()
-    psutil.wait_procs(members, timeout=30)
-
-
-def test_a_killed_incremental_run_resumes_exactly_once(tmp_path):
+def test_a_killed_incremental_run_resumes_exactly_once(tmp_path, kill_session):
     src, killed, reference = tmp_path / "src", tmp_path / "killed", tmp_path / "reference"
     add_images(src, ["circle", "square"], 0, 5)
     settings = dict(src=str(src), shard_samples=10, seed=4)
@@ -457,7 +435,7 @@ def test_a_killed_incremental_run_resumes_exactly_once(tmp_path):
     while time.monotonic() < deadline and not (done_dir.exists() and any(done_dir.iterdir())):
         assert proc.poll() is None, "the run ended before it could be killed"
         time.sleep(0.02)
-    _kill_session(proc)  # the job and its Ray processes, mid-write
+    kill_session(proc)  # the job and its Ray processes, mid-write
     summary = json.loads((killed / "summary.json").read_text())
     assert summary["summary"]["generation"] == 0, "the run finished before the kill: make the corpus bigger"
     markers_at_kill = len(list(done_dir.iterdir()))
