@@ -1,11 +1,15 @@
-"""Stream WebDataset shards into training: each rank and each loader worker reads its own shards.
+"""Stream WebDataset shards into training: the epoch is split into logical streams, each rank reads its own.
 
-A stream is a pure function of (seed, rank, world size, loader workers, step): which shards a
-reader gets, the order of samples inside its shuffle blocks and every sample's augmentation are all
-derived from the seed, so a run resumed at step s reads exactly the batches an uninterrupted run
-would have read from step s on. Skipping to that position costs almost nothing: whole shards are
-passed over by the sample counts in the shards' ``_info.json``, and inside a shard only tar headers
-are read, never decoded. The tars are parsed by ``pipelines.data.shards.format``, beside their writer.
+An epoch's samples are split into ``streams`` logical streams (whole shards each, when there are enough), and
+each stream has its own order: which shards it gets, the order of samples inside its shuffle blocks and every
+sample's augmentation are derived from (seed, epoch, stream), never from a rank or the world size. Global step
+s takes the same ``step_samples / streams`` samples from every stream, so the samples that form a step do not
+depend on who reads them: rank r of a world of w serves the streams k with k % w == r, a rank's loader workers
+split its streams between them, and a run resumed at step s on the same or another number of ranks (any that
+divides ``streams``) reads exactly the samples an uninterrupted run would have read from step s on, each of
+an epoch's samples once. Skipping to that position costs almost nothing: whole shards are passed over by the
+sample counts in the shards' ``_info.json``, and inside a shard only tar headers are read, never decoded. The
+tars are parsed by ``pipelines.data.shards.format``, beside their writer.
 
 Why this and not Ray Data (``read_webdataset`` + ``get_dataset_shard``), measured by
 ``bench/train.py`` on 2 cores (Inception crop at 224, batches of 32): this loader delivers 90-93% of
@@ -122,7 +126,7 @@ def _first_sample_is_multi_label(root: str, filename: str, storage_options: dict
 
 @dataclass(frozen=True)
 class StreamSpec:
-    """What one rank reads: its share of ``shards``, as batches of ``batch_size`` samples."""
+    """What one rank reads: its streams of ``shards``, as batches of ``batch_size`` samples."""
 
     shards: ShardSet
     transform: ImageTransform
@@ -130,27 +134,54 @@ class StreamSpec:
     seed: int = 0
     rank: int = 0
     world_size: int = 1
-    shuffle_block: int = 2048  # samples shuffled together; 1 keeps the shard order
+    # Logical streams the epoch is split into, over all ranks: fixed for a run, a multiple of world_size. None: one
+    # per reader (world_size x loader workers), for passes that are never resumed (evaluation, benchmarks).
+    streams: int | None = None
+    # Samples per global step over all ranks (the global batch): each step takes step_samples / streams from every
+    # stream, whatever the world size. None: a rank takes whole batches from its streams in turn.
+    step_samples: int | None = None
+    shuffle_block: int = 2048  # samples of a stream shuffled together; 1 keeps the shard order
     repeat: bool = True  # training: endless epochs; evaluation: one pass
-    start_batch: int = 0  # batches this rank already consumed: resume from there
+    start_batch: int = 0  # batches this rank already consumed: resume from there (repeat only)
     # Loader workers write into a ring of shared-memory batches instead of a fresh one per batch: allocating and
     # faulting in 5 MB of shared memory per batch costs ~15% of a worker's time. Only for consumers done with a
     # batch when they ask for the next (a training step, an evaluation pass): a kept batch would be overwritten.
     recycle_batches: bool = False
+    with_keys: bool = False  # batches carry a 4th element: the keys of the samples read (used and rejected)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} outside a world of {self.world_size}")
+        if self.streams is not None and (self.streams < 1 or self.streams % self.world_size):
+            raise ValueError(f"{self.streams} streams do not split evenly over {self.world_size} ranks")
+        if self.step_samples is not None and (self.streams is None or self.step_samples % self.streams):
+            raise ValueError(f"step_samples {self.step_samples} must be a multiple of streams ({self.streams})")
+        if self.start_batch and not self.repeat:
+            raise ValueError("start_batch: a single pass (repeat=False) always starts at its beginning")
+
+    @property
+    def piece(self) -> int:
+        """Samples a rank takes from one stream at a time: a batch is ``batch_size // piece`` pieces. The
+        largest size that divides both a batch and a stream's share of a step, so that no batch straddles
+        two steps and every step ends at the same position in every stream, for any world size."""
+        if self.step_samples is None or not self.repeat:
+            return self.batch_size
+        return math.gcd(self.batch_size, self.step_samples // self.streams)
+
+    def local_streams(self, loader_workers: int = 0) -> list[int]:
+        """The streams this rank serves: every world_size-th, from its rank on."""
+        streams = self.streams or self.world_size * max(1, loader_workers)
+        return list(range(self.rank, streams, self.world_size))
 
 
 @dataclass(frozen=True)
 class _Portion:
-    """A reader's part of one shard: every sample, or those whose epoch index is ``offset`` mod ``stride``."""
+    """A stream's part of one shard: every sample, or those whose epoch index is ``offset`` mod ``stride``."""
 
     shard: int
-    count: int  # samples of the shard this reader keeps
+    count: int  # samples of the shard this stream keeps
     first_global: int = 0  # epoch index of the shard's first sample
     stride: int = 1
     offset: int = 0
@@ -160,40 +191,46 @@ class _Portion:
 
 
 class ShardStream(IterableDataset):
-    """Batches ``(images uint8 (B,3,H,W), targets, bad_samples)`` of one rank; split further per loader worker.
+    """Pieces ``(images uint8 (B,3,H,W), targets, bad_samples[, keys])`` of one rank, split over loader workers.
 
-    A DataLoader over an IterableDataset takes batches from its workers in strict rotation, so
-    batch i of the rank comes from worker i mod W. A resumed loader starts its rotation at worker 0
-    again; each worker therefore plays the role of worker (id + start_batch) mod W, which keeps
-    the sequence identical to an uninterrupted one.
+    The rank's pieces go round its streams in turn (piece i from local stream i mod K, its (i // K)-th piece), so
+    after the pieces of s steps every stream has given s steps' worth, whatever K. A DataLoader over an
+    IterableDataset takes batches from its workers in strict rotation: piece i of the rank comes from worker
+    (i - first) mod W, where first is the position the loader starts at (``start_batch``). A worker serves only the
+    streams its pieces come from: its own K / W when W divides K, otherwise it reads the pieces of the others in
+    its streams too and passes over them undecoded. ``make_loader`` joins pieces into batches of ``batch_size``.
     """
 
     def __init__(self, spec: StreamSpec, *, slot_batches: bool = False):
         self.spec = spec
         self.slot_batches = slot_batches  # with recycle_batches in workers: send _SlotBatch, not the buffers
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int] | _SlotBatch]:
+    def __iter__(self) -> Iterator[tuple | _SlotBatch]:
         worker = get_worker_info()
         workers, physical = (worker.num_workers, worker.id) if worker else (1, 0)
         spec = self.spec
-        logical = (physical + spec.start_batch) % workers
-        done = (spec.start_batch - logical + workers - 1) // workers if spec.start_batch > logical else 0
-        reader = spec.rank * workers + logical
-        readers = spec.world_size * workers
-        samples = self._samples(reader, readers, skip=done * spec.batch_size)
+        size = spec.piece
+        if spec.repeat:
+            samples = self._rotation(workers, physical)
+        else:
+            samples = self._passes(workers, physical)
         # Pixels and targets go straight into the batch, which a loader worker allocates in shared memory:
         # two copies per image instead of four (array, contiguous, stack, shared memory).
         ring = worker is not None and spec.recycle_batches and self.slot_batches
-        buffers = self._buffers(worker is not None)
-        (slot, images, targets, first_use), filled, bad = next(buffers), 0, 0
+        buffers = self._buffers(worker is not None, size)
+        (slot, images, targets, first_use), filled, bad, keys = next(buffers), 0, 0, []
         shards = spec.shards
 
-        def finished() -> tuple[torch.Tensor, torch.Tensor, int] | _SlotBatch:
+        def finished() -> tuple | _SlotBatch:
+            read = tuple(keys) if spec.with_keys else None
             if ring:
-                return _SlotBatch(physical, slot, filled, bad, *((images, targets) if first_use else (None, None)))
-            return images[:filled], targets[:filled], bad
+                sent = (images, targets) if first_use else (None, None)
+                return _SlotBatch(physical, slot, filled, bad, *sent, read)
+            return (images[:filled], targets[:filled], bad) + ((read,) if spec.with_keys else ())
 
         for epoch, sample in samples:
+            if spec.with_keys:
+                keys.append(sample.get("__key__"))
             try:
                 image = self._image(sample, epoch)
                 encode_labels(
@@ -205,22 +242,47 @@ class ShardStream(IterableDataset):
             else:
                 images[filled].copy_(torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1))
                 filled += 1
-            if filled + bad == spec.batch_size:
+            if filled + bad == size:
                 yield finished()
-                (slot, images, targets, first_use), filled, bad = next(buffers), 0, 0
+                (slot, images, targets, first_use), filled, bad, keys = next(buffers), 0, 0, []
         if filled or bad:
             yield finished()
 
-    def _buffers(self, shared: bool) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, bool]]:
+    def _rotation(self, workers: int, physical: int) -> Iterator[tuple[int, dict]]:
+        """The samples of this worker's pieces, in order, endlessly."""
+        spec = self.spec
+        local = spec.local_streams(workers)
+        streams, size, count = spec.streams or spec.world_size * workers, spec.piece, len(local)
+        cursors: dict[int, list] = {}  # local stream -> [its samples, the next of its pieces they hold]
+        piece = spec.start_batch * (spec.batch_size // size) + physical
+        while True:
+            k, j = piece % count, piece // count
+            if k not in cursors:  # a stream's first piece here: skip to it by shard lengths and tar headers
+                cursors[k] = [self._samples(local[k], streams, skip=j * size), j]
+            cursor = cursors[k]
+            for _ in range((j - cursor[1]) * size):  # other workers' pieces of a stream shared with them
+                next(cursor[0])
+            for _ in range(size):
+                yield next(cursor[0])
+            cursor[1] = j + 1
+            piece += workers
+
+    def _passes(self, workers: int, physical: int) -> Iterator[tuple[int, dict]]:
+        """One pass over this worker's share of the rank's streams, one stream after the other."""
+        spec = self.spec
+        streams = spec.streams or spec.world_size * workers
+        for stream in spec.local_streams(workers)[physical::workers]:
+            yield from self._samples(stream, streams, skip=0)
+
+    def _buffers(self, shared: bool, batch: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, bool]]:
         """(slot, images, targets, first use) to fill: fresh buffers, or in a loader worker with
         ``recycle_batches`` a ring of PREFETCH_FACTOR + 2 of them.
 
         A worker has at most PREFETCH_FACTOR batches requested and not yet handed out, and the consumer
         holds the last one handed out; a ring two longer never rewrites a batch still queued or in use."""
         spec = self.spec
-        size, batch = spec.transform.size, spec.batch_size
-        target_shape = (batch, spec.shards.num_classes) if spec.shards.multi_label else (batch,)
-        target_dtype = torch.float32 if spec.shards.multi_label else torch.int64
+        images_shape = (batch, 3, spec.transform.size, spec.transform.size)
+        target_shape, target_dtype = _target_layout(spec.shards, batch)
 
         def new(shape, dtype) -> torch.Tensor:
             if not shared:
@@ -232,42 +294,43 @@ class ShardStream(IterableDataset):
         ring: list[tuple[torch.Tensor, torch.Tensor]] = []
         for count in itertools.count():
             if not (shared and spec.recycle_batches):
-                yield 0, new((batch, 3, size, size), torch.uint8), new(target_shape, target_dtype), True
+                yield 0, new(images_shape, torch.uint8), new(target_shape, target_dtype), True
             elif len(ring) < PREFETCH_FACTOR + 2:
-                ring.append((new((batch, 3, size, size), torch.uint8), new(target_shape, target_dtype)))
+                ring.append((new(images_shape, torch.uint8), new(target_shape, target_dtype)))
                 yield count, *ring[-1], True
             else:
                 yield count % len(ring), *ring[count % len(ring)], False
 
-    # -- what a reader reads
+    # -- what a stream reads
 
-    def plan(self, epoch: int, reader: int, readers: int) -> list[_Portion]:
-        """This reader's portions of the shards in ``epoch``: whole shards when there are enough."""
+    def plan(self, epoch: int, stream: int, streams: int) -> list[_Portion]:
+        """This stream's portions of the shards in ``epoch``: whole shards when there are enough."""
         shards = self.spec.shards
         order = list(range(len(shards.urls)))
         if self.spec.repeat:  # a new shard order every epoch; evaluation keeps the written order
             np.random.default_rng([self.spec.seed, epoch, 0x5EED]).shuffle(order)
-        if len(order) >= readers:
-            return [_Portion(i, shards.lengths[i]) for i in order[reader::readers]]
-        # Fewer shards than readers: everyone reads every shard and keeps every readers-th sample.
+        if len(order) >= streams:
+            return [_Portion(i, shards.lengths[i]) for i in order[stream::streams]]
+        # Fewer shards than streams: every stream reads every shard and keeps every streams-th sample.
         portions, first = [], 0
         for i in order:
             n = shards.lengths[i]
-            kept = len(range((reader - first) % readers, n, readers))
-            portions.append(_Portion(i, kept, first_global=first, stride=readers, offset=reader))
+            kept = len(range((stream - first) % streams, n, streams))
+            portions.append(_Portion(i, kept, first_global=first, stride=streams, offset=stream))
             first += n
         return portions
 
-    def _samples(self, reader: int, readers: int, skip: int) -> Iterator[tuple[int, dict]]:
+    def _samples(self, stream: int, streams: int, skip: int) -> Iterator[tuple[int, dict]]:
+        """(epoch, sample) of one stream from its ``skip``-th sample on: endless epochs, or one pass."""
         spec = self.spec
         block = max(1, spec.shuffle_block) if spec.repeat else 1
         epoch = 0
         while True:
-            plan = self.plan(epoch, reader, readers)
+            plan = self.plan(epoch, stream, streams)
             total = sum(p.count for p in plan)
             if total == 0:
                 if spec.repeat:
-                    raise ShardsError(f"reader {reader} of {readers} gets no samples from {spec.shards.root}")
+                    raise ShardsError(f"stream {stream} of {streams} gets no samples from {spec.shards.root}")
                 return
             if spec.repeat and skip >= total:  # a whole epoch already trained on
                 skip -= total
@@ -278,7 +341,7 @@ class ShardStream(IterableDataset):
             for b, chunk in enumerate(_chunks(raw, block)):
                 order = range(len(chunk))
                 if block > 1:
-                    order = np.random.default_rng([spec.seed, epoch, reader, first_block + b]).permutation(len(chunk))
+                    order = np.random.default_rng([spec.seed, epoch, stream, first_block + b]).permutation(len(chunk))
                 for i in order[skip_in_block:]:
                     yield epoch, chunk[i]
                 skip_in_block = 0
@@ -310,7 +373,7 @@ class ShardStream(IterableDataset):
                                 yield sample
             if seen != portion.count:
                 raise ShardReadError(
-                    f"{url} holds {seen} samples for this reader; _info.json promised {portion.count}", shard=url
+                    f"{url} holds {seen} samples for this stream; _info.json promised {portion.count}", shard=url
                 )
             start = 0
 
@@ -329,6 +392,12 @@ def _chunks(items: Iterator[dict], size: int) -> Iterator[list[dict]]:
         yield chunk
 
 
+def _target_layout(shards: ShardSet, batch: int) -> tuple[tuple[int, ...], torch.dtype]:
+    if shards.multi_label:
+        return (batch, shards.num_classes), torch.float32
+    return (batch,), torch.int64
+
+
 class _SlotBatch(NamedTuple):
     """What a loader worker with ``recycle_batches`` sends for a batch: where it wrote it. Sending the
     shared buffers themselves costs both processes a socket connection per tensor (to pass its file
@@ -341,13 +410,15 @@ class _SlotBatch(NamedTuple):
     bad: int
     images: torch.Tensor | None
     targets: torch.Tensor | None
+    keys: tuple[str, ...] | None = None
 
 
 PREFETCH_FACTOR = 4  # batches each loader worker prepares ahead
 
 
 def make_loader(spec: StreamSpec, *, workers: int = 2, pin_memory: bool = False) -> Iterable:
-    """Batches ``(images, targets, bad)`` of ``spec``, decoded in ``workers`` processes (0: in this process)."""
+    """Batches ``(images, targets, bad[, keys])`` of ``spec``, decoded in ``workers`` processes (0: in this
+    process)."""
     # Pinning copies each batch as it arrives, so pinned loaders take the buffers every time.
     slots = spec.recycle_batches and workers > 0 and not pin_memory
     loader = DataLoader(
@@ -361,19 +432,61 @@ def make_loader(spec: StreamSpec, *, workers: int = 2, pin_memory: bool = False)
         # depth then draw the same numbers whether a run was resumed (a new loader) or not.
         generator=torch.Generator().manual_seed(spec.seed),
     )
-    return _Loader(loader) if slots else loader
+    pieces = _Loader(loader, spec.with_keys) if slots else loader
+    if spec.piece < spec.batch_size:
+        return _Joined(pieces, spec, pin_memory=pin_memory)
+    return pieces
 
 
 class _Loader:
     """A DataLoader whose workers send ``_SlotBatch``es, seen as plain batches."""
 
-    def __init__(self, loader: DataLoader):
-        self.loader = loader
+    def __init__(self, loader: DataLoader, with_keys: bool = False):
+        self.loader, self.with_keys = loader, with_keys
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    def __iter__(self) -> Iterator[tuple]:
         buffers: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # new workers each pass
         for batch in self.loader:
             if batch.images is not None:
                 buffers[batch.worker, batch.slot] = (batch.images, batch.targets)
             images, targets = buffers[batch.worker, batch.slot]
-            yield images[: batch.filled], targets[: batch.filled], batch.bad
+            yield (images[: batch.filled], targets[: batch.filled], batch.bad) + (
+                (batch.keys,) if self.with_keys else ()
+            )
+
+
+class _Joined:
+    """Batches of ``spec.batch_size`` made of ``batch_size // piece`` consecutive pieces: when a step's share of
+    one stream is smaller than a micro-batch, a micro-batch holds pieces of several streams. Each piece is
+    copied in as it arrives (a loader worker may reuse its buffer after that); with ``recycle_batches`` the
+    batch itself is one buffer, refilled each time."""
+
+    def __init__(self, pieces: Iterable, spec: StreamSpec, *, pin_memory: bool = False):
+        self.pieces, self.spec, self.pin_memory = pieces, spec, pin_memory
+
+    def __iter__(self) -> Iterator[tuple]:
+        spec = self.spec
+        per_batch, size = spec.batch_size // spec.piece, spec.transform.size
+        target_shape, target_dtype = _target_layout(spec.shards, spec.batch_size)
+        buffer = None
+        pieces = iter(self.pieces)
+        while True:
+            if buffer is None or not spec.recycle_batches:
+                images = torch.empty(spec.batch_size, 3, size, size, dtype=torch.uint8, pin_memory=self.pin_memory)
+                targets = torch.empty(target_shape, dtype=target_dtype, pin_memory=self.pin_memory)
+                buffer = images, targets
+            images, targets = buffer
+            filled, bad, keys = 0, 0, []
+            for n in range(per_batch):
+                piece = next(pieces, None)
+                if piece is None:
+                    if n:
+                        yield (images[:filled], targets[:filled], bad) + ((tuple(keys),) if spec.with_keys else ())
+                    return
+                part, part_targets, part_bad, *part_keys = piece
+                images[filled : filled + len(part)] = part
+                targets[filled : filled + len(part)] = part_targets
+                filled, bad = filled + len(part), bad + part_bad
+                if spec.with_keys:
+                    keys.extend(part_keys[0])
+            yield (images[:filled], targets[:filled], bad) + ((tuple(keys),) if spec.with_keys else ())

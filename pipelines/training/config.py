@@ -30,7 +30,12 @@ class DataConfig:
     resize_size: int | None = None  # fine-tuning and evaluation resize to this before cropping
     flip: bool = True  # random horizontal flips (off for digits or text, where a mirror image is another class)
     loader_workers: int = 2  # decoding processes per training worker (0: decode in the training process)
-    shuffle_block: int = 2048  # samples shuffled together as they stream in
+    shuffle_block: int = 2048  # samples of a stream shuffled together as they stream in
+    # Logical data streams the epoch is split into, fixed when a run starts (a resume keeps its checkpoint's): the
+    # data order depends on them, never on the worker count, so a run resumes on any number of workers that divides
+    # them. null: scale.num_workers x max(2, loader_workers), fewer when there are fewer shards.
+    streams: int | None = None
+    record_keys: bool = False  # debugging: every rank writes each step's sample keys to <run>/keys/ (at checkpoints)
     storage_options: dict = field(default_factory=dict)  # fsspec options for the shards (S3 endpoint, keys)
 
     def __post_init__(self) -> None:
@@ -39,6 +44,7 @@ class DataConfig:
               f"resize_size: {self.resize_size} is smaller than image_size {self.image_size}")  # fmt: skip
         check(self.loader_workers >= 0, f"loader_workers: must not be negative, got {self.loader_workers}")
         check(self.shuffle_block >= 1, f"shuffle_block: must be at least 1, got {self.shuffle_block}")
+        check(self.streams is None or self.streams >= 1, f"streams: must be at least 1 (or null), got {self.streams}")
 
 
 @dataclass(kw_only=True)
@@ -114,6 +120,16 @@ class TrainConfig:
             self.batch_size % workers == 0,
             f"batch_size: {self.batch_size} does not split evenly over {workers} workers (scale.num_workers)",
         )
+        streams = self.data.streams
+        if streams is not None:
+            check(
+                streams % workers == 0,
+                f"data.streams: {streams} streams do not split evenly over {workers} workers (scale.num_workers)",
+            )
+            check(
+                self.batch_size % streams == 0,
+                f"data.streams: a batch_size of {self.batch_size} does not take the same share of {streams} streams",
+            )
         per_worker = self.batch_size // workers
         check(
             per_worker % (self.micro_batch_size or per_worker) == 0,

@@ -18,13 +18,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pipelines.common.config import ConfigError, to_dict
-from pipelines.common.storage import filesystem
+from pipelines.common.storage import filesystem, read_json
 from pipelines.data.stream import open_shards, read_info
 from pipelines.tracking.tracking import LiveTarget, Tracker
 from pipelines.training.config import TrainConfig, check_warmup
-from pipelines.training.loop import HISTORY_FILE, STATE_FILE, STEP_KEYS, STEPS_FILE, TrainingPlan, train_worker
+from pipelines.training.loop import (
+    HISTORY_FILE,
+    STATE_FILE,
+    STEP_KEYS,
+    STEPS_FILE,
+    TrainingPlan,
+    train_worker,
+    workers_that_fit,
+)
 from pipelines.training.progress import ProgressChannel
-from pipelines.training.weights import MODEL_FILE, init_model_config, local_weights
+from pipelines.training.weights import MODEL_FILE, init_model_config, latest_committed_checkpoint, local_weights
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +59,12 @@ class TrainResult:
 
 
 def plan_training(cfg: TrainConfig) -> TrainingPlan:
-    """Check ``cfg`` against the shards and work out steps, micro batches and the label space."""
+    """Check ``cfg`` against the shards and work out steps, micro batches, data streams and the label space.
+
+    Resuming the run ``cfg.name`` on another number of workers (``scale.num_workers``) is how a run continues after
+    losing a node or gaining one: the streams come from its checkpoint, so the data order and the global batch stay,
+    and the micro-batch stays too where it fits (gradient accumulation makes up the rest). A worker count that does
+    not divide the streams is refused here, with the counts that would work."""
     if not cfg.data.shards:
         raise ConfigError("data.shards: no shards given (the output folder of `vit shard`)")
     if cfg.recipe == "finetune" and cfg.init_from is None:
@@ -68,13 +81,17 @@ def plan_training(cfg: TrainConfig) -> TrainingPlan:
     elif eval_split is not None and eval_split not in info.get("splits", {}):
         raise ConfigError(f"data.eval_split: the shards have no split {eval_split!r}")
 
+    name = cfg.name or f"{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = posixpath.join(_absolute(cfg.storage_path), name)
+    resumed = _resumed_state(run_dir, cfg.storage_options)
+    streams = _streams(cfg, train.urls, resumed, name)
     per_worker = cfg.batch_size // cfg.scale.num_workers  # divisibility: checked by the config itself
-    micro = cfg.micro_batch_size or per_worker
+    # A resume without micro_batch_size keeps the micro-batch the run had, where it fits: the same memory per worker.
+    micro = cfg.micro_batch_size or math.gcd(resumed.get("micro_batch", per_worker), per_worker)
     steps = cfg.steps if cfg.steps is not None else math.ceil(cfg.epochs * train.samples / cfg.batch_size)
     if steps < 1:
         raise ConfigError("steps: the run would take no steps")
     check_warmup(cfg.optim.warmup_steps, steps)
-    name = cfg.name or f"{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
     config = to_dict(cfg)
     # Workers run in folders of their own: every local path they are given must be absolute.
     config["data"]["shards"] = _absolute(cfg.data.shards)
@@ -86,6 +103,7 @@ def plan_training(cfg: TrainConfig) -> TrainingPlan:
         total_steps=steps,
         micro_batch=micro,
         accum_steps=per_worker // micro,
+        streams=streams,
         num_classes=train.num_classes,
         multi_label=train.multi_label,
         train_samples=train.samples,
@@ -93,6 +111,50 @@ def plan_training(cfg: TrainConfig) -> TrainingPlan:
         name=name,
         run_dir=posixpath.join(config["storage_path"], name),
     )
+
+
+def _resumed_state(run_dir: str, storage_options: dict) -> dict:
+    """The trainer state of the run's latest checkpoint; empty for a new run."""
+    checkpoint = latest_committed_checkpoint(run_dir, storage_options)
+    if checkpoint is None:
+        return {}
+    fs, path = filesystem(posixpath.join(checkpoint, STATE_FILE), storage_options)
+    try:
+        return read_json(fs, path)
+    except FileNotFoundError:
+        return {}
+
+
+def _streams(cfg: TrainConfig, shards: tuple[str, ...], resumed: dict, name: str) -> int:
+    """The run's logical data streams: its checkpoint's when it resumes, else data.streams or a default that lets a
+    run shrink to any divisor of its worker count and that gives each loader worker streams of its own."""
+    workers = cfg.scale.num_workers
+    recorded = resumed.get("streams")
+    if recorded is not None:
+        if cfg.data.streams is not None and cfg.data.streams != recorded:
+            raise ConfigError(
+                f"data.streams: run {name!r} reads its data as {recorded} streams, fixed when it started; "
+                f"a resume keeps them (leave data.streams unset, or use a new name for {cfg.data.streams})"
+            )
+        if recorded % workers:
+            raise ConfigError(
+                f"scale.num_workers: run {name!r} reads its data as {recorded} streams and cannot resume on "
+                f"{workers} workers; it resumes on {workers_that_fit(recorded)} workers"
+            )
+        if cfg.batch_size % recorded:
+            raise ConfigError(
+                f"batch_size: {cfg.batch_size} does not take the same share of run {name!r}'s {recorded} streams"
+            )
+        return recorded
+    if cfg.data.streams is not None:  # checked against the workers and the batch by the config itself
+        return cfg.data.streams
+    # Whole shards per stream where there are enough of them (fewer shards than streams means every stream reads
+    # every shard's bytes), and a share of every step in each.
+    for per_worker in range(max(2, cfg.data.loader_workers), 0, -1):
+        streams = workers * per_worker
+        if streams <= len(shards) and cfg.batch_size % streams == 0:
+            return streams
+    return workers
 
 
 def run_training(

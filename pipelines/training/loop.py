@@ -6,6 +6,13 @@ The whole training state is checkpointed through ``ray.train.report``: model and
 ``pipelines.training.safe_dcp``), each rank's RNG, and the step, from which the learning rate and the data position
 follow. A restarted worker group or a re-run with the same ``name`` continues from the latest checkpoint and reads
 exactly the batches an uninterrupted run would have read.
+
+Elastic: the data is read as ``streams`` logical streams (``pipelines.data.stream``), fixed when the run starts and
+kept in every checkpoint, and each step takes the same samples from them whatever the number of ranks. A run resumed
+on another number of workers (any that divides ``streams``) keeps the global batch: each rank serves streams / world
+of them, its micro-batch stays, and gradient accumulation takes up the difference (``_split_step``), so every sample
+of an epoch is still trained on once and the learning-rate schedule, a function of the step, goes on unchanged.
+The RNG states are per rank and restored only on the same world size (dropout then draws differently).
 """
 
 from __future__ import annotations
@@ -13,11 +20,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import posixpath
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +58,7 @@ STATE_FILE = "trainer_state.json"
 HISTORY_FILE = "metrics.jsonl"  # a record per logged step: loss (window mean), health figures, evaluation
 STEPS_FILE = "steps.jsonl"  # every step's own [step, loss, lr, gradient norm]: what MLflow is reconciled with
 STEP_KEYS = ("train/loss", "train/lr", "train/grad_norm")
+KEYS_FOLDER = "keys"  # data.record_keys: every step's sample keys, a file per rank and checkpoint interval
 _REASON_BYTES = 2048  # the longest data-error message sent from one rank to the others
 
 # Dense bf16 peak FLOP/s of accelerators we know, for MFU (model FLOPs utilisation).
@@ -67,6 +76,7 @@ class _Fed:
     images: int = 0
     bad: int = 0
     data_error: str | None = None
+    keys: list[str] = field(default_factory=list)  # with data.record_keys: every sample read, used or rejected
 
 
 @dataclass(frozen=True)
@@ -75,8 +85,9 @@ class TrainingPlan:
 
     config: dict
     total_steps: int
-    micro_batch: int
+    micro_batch: int  # on scale.num_workers workers; a worker of another world size works out its own (_split_step)
     accum_steps: int
+    streams: int  # logical data streams, fixed for the run (a resume takes them from its checkpoint)
     num_classes: int
     multi_label: bool
     train_samples: int
@@ -111,6 +122,9 @@ class _Loop:
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.ema = [p.detach().clone() for p in self.model.parameters()] if cfg.ema_decay else None
         self.step = 0
+        self.streams = plan.streams
+        self.micro, self.accum = _split_step(cfg, plan, self.streams, world)
+        self.recorded: list[dict] = []  # data.record_keys: {step, rank, keys} not yet written
         self.history: list[dict] = []
         self.step_values: list[list[float]] = []  # [step, *STEP_KEYS] per step; ~40 bytes each in the checkpoint
         self.segments: list[list[int]] = []
@@ -120,20 +134,24 @@ class _Loop:
     # -- setup
 
     def _loader(self, split: str, *, train: bool, start_batch: int = 0):
-        cfg, plan = self.cfg, self.plan
+        cfg = self.cfg
         shards: ShardSet = open_shards(cfg.data.shards, split, cfg.data.storage_options)
         recipe = cfg.recipe if train else "eval"
         spec = StreamSpec(
             shards=shards,
             transform=build_transform(recipe, cfg.data.image_size, cfg.data.resize_size, flip=cfg.data.flip),
-            batch_size=plan.micro_batch if train else (cfg.eval_batch_size or plan.micro_batch),
+            batch_size=self.micro if train else (cfg.eval_batch_size or self.micro),
             seed=cfg.seed,
             rank=self.rank,
             world_size=self.world,
+            # evaluation is one pass in any order: a stream per reader, as many as there are
+            streams=self.streams if train else None,
+            step_samples=cfg.batch_size if train else None,
             shuffle_block=cfg.data.shuffle_block if train else 1,
             repeat=train,
             start_batch=start_batch,
             recycle_batches=True,  # each batch is normalised into a new tensor before the next is asked for
+            with_keys=train and cfg.data.record_keys,
         )
         return make_loader(spec, workers=cfg.data.loader_workers, pin_memory=self.device.type == "cuda")
 
@@ -151,8 +169,11 @@ class _Loop:
 
     def _run_from(self, first_step: int) -> dict:
         if self.rank == 0:
+            import ray
+
             how = f"resuming at step {first_step}" if first_step else "starting"
-            log.info("[vit] %s: %d steps", how, self.plan.total_steps)
+            where = f"{self.world} workers, rank 0 on node {ray.get_runtime_context().get_node_id()[:12]}"
+            log.info("[vit] %s: %d steps (%s)", how, self.plan.total_steps, where)
 
         live = LiveMetrics(LiveTarget(**self.plan.tracking)) if self.plan.tracking and self.rank == 0 else None
         try:
@@ -168,9 +189,16 @@ class _Loop:
     def _run_steps(self, live: LiveMetrics | None, progress: RankZeroProgress) -> dict:
         total = self.plan.total_steps
         stop_at = min(total, self.cfg.halt_after_steps or total)
-        batches = iter(
-            self._loader(self.cfg.data.train_split, train=True, start_batch=self.step * self.plan.accum_steps)
-        )
+        per_rank, loader_workers = self.streams // self.world, self.cfg.data.loader_workers
+        if self.rank == 0 and loader_workers > 1 and per_rank % loader_workers:
+            log.warning(
+                "[vit] %d data streams per worker do not split over %d loader workers: each reads the bytes of the "
+                "streams it shares and decodes only its own samples (data.streams: a multiple of %d avoids it)",
+                per_rank,
+                loader_workers,
+                self.world * loader_workers,
+            )
+        batches = iter(self._loader(self.cfg.data.train_split, train=True, start_batch=self.step * self.accum))
         window = _Window()
         while self.step < stop_at:
             lr = lr_at(self.step, total, self.cfg.optim)
@@ -226,7 +254,7 @@ class _Loop:
                 lr=lr,
                 grad_clip_norm=self.cfg.optim.grad_clip_norm,
                 micro_batches=self._micro_batches(batches, window, fed),
-                accum_steps=self.plan.accum_steps,
+                accum_steps=self.accum,
                 no_sync=self.parallel.no_sync,
                 autocast=self.parallel.autocast,
                 before_update=lambda: self._stop_on_data_error(fed.data_error),
@@ -242,16 +270,20 @@ class _Loop:
         window.bad += fed.bad
         window.loss += metrics["train/loss"]
         window.steps += 1
+        if self.cfg.data.record_keys:
+            self.recorded.append({"step": self.step + 1, "rank": self.rank, "keys": fed.keys})
         return metrics
 
     def _micro_batches(self, batches: Iterator, window: _Window, fed: _Fed) -> Iterator[tuple[torch.Tensor, ...]]:
         """A step's micro-batches on the device. After a data error this rank goes on with empty ones: it must
         still take part in the step's collectives, and learns nothing; the ranks agree on the error afterwards."""
-        for _ in range(self.plan.accum_steps):
+        for _ in range(self.accum):
             started = time.perf_counter()
             if fed.data_error is None:
                 try:
-                    images, targets, n_bad = next(batches)
+                    images, targets, n_bad, *keys = next(batches)
+                    if keys:
+                        fed.keys.extend(keys[0])
                 except ShardsError as err:  # this rank's shard is damaged; the others learn it before the update
                     fed.data_error = _data_error_message(err)
             if fed.data_error is not None:
@@ -369,8 +401,11 @@ class _Loop:
                     "step": self.step,
                     "total_steps": self.plan.total_steps,
                     "samples_seen": self.step * self.cfg.batch_size,
-                    "batches_per_rank": self.step * self.plan.accum_steps,
+                    "batches_per_rank": self.step * self.accum,
                     "world_size": self.world,
+                    "streams": self.streams,
+                    "micro_batch": self.micro,
+                    "accum_steps": self.accum,
                     "segments": self.segments,
                     "eval": self.eval_metrics,
                     "config": redact(self.plan.config),  # the workers need the credentials; storage does not
@@ -387,9 +422,17 @@ class _Loop:
         # 2 s), so a worker dying in between would otherwise resume from an older one.
         if self.world > 1:
             dist.barrier()
+        fs, path = filesystem(self.plan.run_dir, self.cfg.storage_options)
         if self.rank == 0:
-            fs, path = filesystem(self.plan.run_dir, self.cfg.storage_options)
             fs.pipe_file(posixpath.join(path, name, COMMITTED_FILE), str(self.step).encode())
+        if self.recorded:
+            # Written with the checkpoint they lead to: steps a restart trains again are never recorded twice.
+            first, last = self.recorded[0]["step"], self.recorded[-1]["step"]
+            folder = posixpath.join(path, KEYS_FOLDER)
+            fs.makedirs(folder, exist_ok=True)
+            lines = "".join(json.dumps(r) + "\n" for r in self.recorded)
+            fs.pipe_file(posixpath.join(folder, f"rank{self.rank}-steps{first:08d}-{last:08d}.jsonl"), lines.encode())
+            self.recorded = []
 
     @contextlib.contextmanager
     def _latest_checkpoint(self):
@@ -438,6 +481,22 @@ class _Loop:
                 for avg, saved in zip(self.ema, state["ema"].values()):
                     avg.copy_(saved)
         self.step = trainer_state["step"]
+        streams = trainer_state.get("streams")
+        if streams is not None and streams != self.streams:  # the driver passes them on; Ray's elastic group may not
+            self.streams = streams
+            self.micro, self.accum = _split_step(self.cfg, self.plan, streams, self.world)
+        if self.rank == 0 and trainer_state.get("world_size", self.world) != self.world:
+            log.info(
+                "[vit] resuming a run of %d workers on %d: %d data streams, %d per worker, micro-batches of %d x %d "
+                "accumulation steps per step of %d",
+                trainer_state["world_size"],
+                self.world,
+                self.streams,
+                self.streams // self.world,
+                self.micro,
+                self.accum,
+                self.cfg.batch_size,
+            )
         self.segments = trainer_state["segments"]
         self.eval_metrics = trainer_state.get("eval", {})
         history = folder / HISTORY_FILE
@@ -454,6 +513,30 @@ class _Loop:
         """The whole model on rank 0's CPU (the averaged weights when Polyak averaging is on)."""
         with self._ema_weights():
             return self.parallel.full_weights()
+
+
+def _split_step(cfg: TrainConfig, plan: TrainingPlan, streams: int, world: int) -> tuple[int, int]:
+    """(micro-batch, accumulation steps) of one of ``world`` ranks for a global batch of ``cfg.batch_size``.
+
+    The driver checked the world it planned for (``plan_training``); this is the worker's own view, the world Ray
+    actually started. The micro-batch stays the planned one where it fits, so a rank that now serves more streams
+    accumulates more micro-batches instead of holding more images at once."""
+    if streams % world:
+        raise ValueError(
+            f"{world} workers cannot share the run's {streams} data streams evenly: resume it on "
+            f"{workers_that_fit(streams)} workers"
+        )
+    per_worker = cfg.batch_size // world
+    micro = cfg.micro_batch_size or math.gcd(plan.micro_batch, per_worker)
+    if per_worker % micro:
+        raise ValueError(f"micro_batch_size: {micro} does not divide the {per_worker} images per worker and step")
+    return micro, per_worker // micro
+
+
+def workers_that_fit(streams: int) -> str:
+    """The worker counts a run of ``streams`` streams resumes on, in words: "1, 2 or 4"."""
+    counts = [str(n) for n in range(1, streams + 1) if streams % n == 0]
+    return counts[0] if len(counts) == 1 else f"{', '.join(counts[:-1])} or {counts[-1]}"
 
 
 class _Window:

@@ -1,4 +1,5 @@
-"""Shard streams: every sample once per epoch over ranks and loader workers, exact resume, bad input."""
+"""Shard streams: every sample once per epoch over streams, ranks and loader workers, the same samples in every
+step whatever the world size, exact resume (also on another world size), bad input."""
 
 from __future__ import annotations
 
@@ -74,26 +75,23 @@ def _spec(shards, **kw) -> StreamSpec:
     return StreamSpec(shards=shards, transform=build_transform("finetune", 16, 18), **kw)
 
 
-def _epoch_keys(shards, *, world: int, workers: int, repeat: bool = True, epoch_samples=None) -> Counter:
-    """Keys every (rank, worker) reader yields in its first epoch."""
+def _epoch_keys(shards, *, streams: int) -> Counter:
+    """Keys every logical stream yields in its first epoch."""
     keys = Counter()
-    for rank in range(world):
-        stream = ShardStream(_spec(shards, rank=rank, world_size=world, repeat=repeat, shuffle_block=7))
-        for logical in range(workers):
-            reader, readers = rank * workers + logical, world * workers
-            per_epoch = sum(p.count for p in stream.plan(0, reader, readers))
-            samples = stream._samples(reader, readers, skip=0)
-            keys.update(sample["__key__"] for epoch, sample in islice(samples, per_epoch))
+    stream = ShardStream(_spec(shards, streams=streams, shuffle_block=7))
+    for k in range(streams):
+        per_epoch = sum(p.count for p in stream.plan(0, k, streams))
+        keys.update(sample["__key__"] for epoch, sample in islice(stream._samples(k, streams, skip=0), per_epoch))
     return keys
 
 
 @pytest.mark.parametrize(
-    "lengths", [[6, 5, 7, 6, 3, 8, 6, 5], [23, 17]], ids=["whole-shards", "fewer-shards-than-readers"]
+    "lengths", [[6, 5, 7, 6, 3, 8, 6, 5], [23, 17]], ids=["whole-shards", "fewer-shards-than-streams"]
 )
-@pytest.mark.parametrize("world,workers", [(1, 1), (2, 1), (2, 2), (3, 2)])
-def test_an_epoch_reads_every_sample_exactly_once(tmp_path, lengths, world, workers):
+@pytest.mark.parametrize("streams", [1, 2, 4, 6])
+def test_an_epoch_reads_every_sample_exactly_once(tmp_path, lengths, streams):
     shards = open_shards(str(write_shards(tmp_path / "s", {"train": lengths})), "train")
-    keys = _epoch_keys(shards, world=world, workers=workers)
+    keys = _epoch_keys(shards, streams=streams)
     assert sum(keys.values()) == shards.samples
     assert set(keys.values()) == {1}
 
@@ -108,15 +106,91 @@ def test_evaluation_is_one_pass_in_order(tmp_path):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_a_resumed_stream_continues_with_the_same_batches(tmp_path, workers):
+@pytest.mark.parametrize(
+    "layout",
+    [{}, {"streams": 4, "step_samples": 16, "batch_size": 4}, {"streams": 8, "step_samples": 16, "batch_size": 4}],
+    ids=["stream-per-reader", "piece-per-batch", "batches-of-two-streams"],
+)
+def test_a_resumed_stream_continues_with_the_same_batches(tmp_path, workers, layout):
     shards = open_shards(str(write_shards(tmp_path / "s", {"train": [7, 9, 6, 8]})), "train")
-    spec = _spec(shards, rank=1, world_size=2, seed=3, shuffle_block=5)
+    spec = _spec(shards, rank=1, world_size=2, seed=3, shuffle_block=5, **layout)
     whole = list(islice(make_loader(spec, workers=workers), 14))  # past an epoch: 15 samples per rank
     for start in (1, 5, 9):
         resumed = StreamSpec(**{**spec.__dict__, "start_batch": start})
         tail = list(islice(make_loader(resumed, workers=workers), 14 - start))
         for (a_img, a_tgt, _), (b_img, b_tgt, _) in zip(whole[start:], tail, strict=True):
             assert torch.equal(a_img, b_img) and torch.equal(a_tgt, b_tgt)
+
+
+# ------------------------------------------------------------------------------ elastic: the world size changes
+
+STEP = 16  # the global batch of the elastic tests: 4 streams x 4 samples
+
+
+def _step_keys(shards, *, world: int, micro: int | None = None, workers: int = 0, start: int = 0, steps: int = 12):
+    """The keys of the samples each global step from ``start`` on reads, over all ranks of a world of ``world``, each
+    rank taking batches of ``micro`` (default: its whole share of a step) as the training loop does."""
+    per_rank = STEP // world
+    micro = micro or per_rank
+    accum = per_rank // micro
+    read = [Counter() for _ in range(steps)]
+    for rank in range(world):
+        spec = _spec(
+            shards, batch_size=micro, rank=rank, world_size=world, streams=4, step_samples=STEP, seed=3,
+            shuffle_block=5, start_batch=start * accum, with_keys=True, recycle_batches=True,
+        )  # fmt: skip
+        for i, (images, _, bad, keys) in enumerate(islice(make_loader(spec, workers=workers), steps * accum)):
+            assert len(images) + bad == len(keys) == micro
+            read[i // accum].update(keys)
+    return read
+
+
+@pytest.fixture(scope="module")
+def uneven_shards(tmp_path_factory):
+    """Streams of different lengths: they cross into the next epoch at different steps."""
+    root = write_shards(tmp_path_factory.mktemp("uneven"), {"train": [10, 9, 11, 8, 12, 10, 7, 13]})
+    return open_shards(str(root), "train")
+
+
+@pytest.fixture(scope="module")
+def reference_steps(uneven_shards):
+    return _step_keys(uneven_shards, world=1, micro=4)
+
+
+@pytest.mark.parametrize(
+    "world,micro,workers",
+    [(1, None, 0), (2, 4, 0), (2, None, 2), (4, 4, 0), (4, None, 2), (1, 8, 2)],
+    ids=["1-joined", "2-micro4", "2-whole-2workers", "4-micro4", "4-whole-2workers-sharing", "1-micro8-2workers"],
+)
+def test_every_world_size_reads_the_same_samples_at_every_step(uneven_shards, reference_steps, world, micro, workers):
+    """Step s takes the same 4 samples from each of the 4 streams whether 1, 2 or 4 ranks read them, in whole
+    micro-batches, in micro-batches joined from several streams, or with loader workers sharing a stream."""
+    steps = _step_keys(uneven_shards, world=world, micro=micro, workers=workers)
+    assert all(sum(step.values()) == STEP and set(step.values()) == {1} for step in steps)
+    assert steps == reference_steps
+
+
+@pytest.mark.parametrize("before,after", [(2, 1), (1, 2), (4, 2), (1, 4)])
+def test_a_resume_on_another_world_size_continues_with_the_same_steps(uneven_shards, reference_steps, before, after):
+    halted = 5  # mid-epoch: 80 samples are 5 steps, and the streams' epochs end at different steps
+    first = _step_keys(uneven_shards, world=before, steps=halted)
+    rest = _step_keys(uneven_shards, world=after, start=halted, steps=12 - halted)
+    assert first + rest == reference_steps
+
+
+def test_an_epoch_of_steps_reads_every_sample_once_on_any_world_size(tmp_path):
+    shards = open_shards(str(write_shards(tmp_path / "s", {"train": [10] * 8})), "train")  # 5 steps an epoch
+    for world in (1, 2, 4):
+        read = sum(_step_keys(shards, world=world, steps=5), Counter())
+        assert sorted(read) == [f"s{i:05d}" for i in range(80)] and set(read.values()) == {1}
+
+
+def test_streams_that_the_world_size_does_not_divide_are_refused(tmp_path):
+    shards = open_shards(str(write_shards(tmp_path / "s", {"train": [4] * 4})), "train")
+    with pytest.raises(ValueError, match="4 streams do not split evenly over 3 ranks"):
+        _spec(shards, world_size=3, streams=4)
+    with pytest.raises(ValueError, match="step_samples 10 must be a multiple of streams"):
+        _spec(shards, streams=4, step_samples=10)
 
 
 def test_recycled_batch_buffers_hold_the_same_batches_for_a_consumer_that_uses_each_at_once(tmp_path):
