@@ -1,14 +1,17 @@
 """The evaluation step: top-1/top-5 of a trained model on a held-out split, and the paper's few-shot
 linear evaluation of its frozen representation (1/5/10/25 shots, closed-form ridge regression).
 
-Runs in the calling process (the pipeline's driver, or `vit evaluate`): evaluation reads a downstream set
-once, which takes minutes, not the hours that justify a worker group.
+Runs in the calling process (`vit evaluate`), on its GPU when it has one: evaluation reads a downstream set once,
+which takes minutes, not the hours that justify a worker group. The pipeline's driver usually has no GPU: its
+evaluate step runs the same function in one Ray task holding a GPU when the cluster has one
+(``evaluate_on_cluster``), else in the driver as `vit evaluate` does.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import posixpath
 import time
 from collections.abc import Callable, Iterator
@@ -80,14 +83,17 @@ def run_evaluation(
     *,
     parent_run_id: str | None = None,
     tags: dict[str, str] | None = None,
+    on_cluster: bool = False,
 ) -> EvaluationResult:
     """``evaluate_model`` as an MLflow run: the metrics, the confusion matrix (counts and a plot), the
-    test shards as input, tagged with the model evaluated (and the run that trained it, via ``tags``)."""
+    test shards as input, tagged with the model evaluated (and the run that trained it, via ``tags``).
+    ``on_cluster``: scored by ``evaluate_on_cluster`` (on a GPU worker of the Ray cluster when it has one); the
+    MLflow run is logged from here either way."""
     from pipelines.common.config import dump_config, to_dict
 
     tracker = Tracker.open(cfg.tracking)
     details: dict = {}
-    metrics = evaluate_model(cfg, log, details=details)
+    metrics = (evaluate_on_cluster if on_cluster else evaluate_model)(cfg, log, details=details)
     per_image = {"top1_correct": details.get("top1_correct"), "labels": details.get("labels")}
     if tracker is None:
         return EvaluationResult(metrics, **per_image)
@@ -156,6 +162,51 @@ def confusion_figure(confusion: torch.Tensor, classes: list[str]):
     return figure
 
 
+def evaluate_on_cluster(
+    cfg: EvaluateConfig, log: Callable[[str], None] = print, *, details: dict | None = None
+) -> dict[str, float]:
+    """``evaluate_model``, in a Ray task holding one GPU when the Ray cluster has any, else in this process. The
+    cluster: the connected one, or inside a Ray Job (``RAY_ADDRESS`` set) the job's; without either, this process
+    (starting a Ray only to look for GPUs would cost more than it could save).
+
+    The task's log lines are passed to ``log`` when it ends; ``details`` gets what ``evaluate_model`` puts there,
+    plus ``worker``: the task's ``pid``, ``node`` and ``device``. A worker without CUDA (a GPU only declared to Ray)
+    still evaluates, on its CPU."""
+    import ray
+
+    if not ray.is_initialized() and os.environ.get("RAY_ADDRESS"):
+        from pipelines.common.ray import init_ray
+
+        init_ray()
+    if not ray.is_initialized() or not ray.cluster_resources().get("GPU", 0) > 0:
+        return evaluate_model(cfg, log, details=details)
+    task = ray.remote(num_gpus=1)(_evaluate_in_task)  # retried if its node dies: scoring again is harmless
+    metrics, found, lines = ray.get(task.remote(cfg))
+    for line in lines:
+        log(line)
+    if details is not None:
+        details.update(found)
+    return metrics
+
+
+def _evaluate_in_task(cfg: EvaluateConfig) -> tuple[dict[str, float], dict, list[str]]:
+    import ray
+
+    lines: list[str] = []
+    details: dict = {}
+    device = _device()
+    node = ray.get_runtime_context().get_node_id()
+    lines.append(f"in a Ray task on node {node[:12]} (pid {os.getpid()}, {device})")
+    metrics = evaluate_model(cfg, lines.append, details=details)
+    details["worker"] = {"pid": os.getpid(), "node": node, "device": str(device)}
+    return metrics, details, lines
+
+
+def _device() -> torch.device:
+    """Where scoring runs: the GPU Ray gave the task (it sets CUDA_VISIBLE_DEVICES), or this process's, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def evaluate_model(
     cfg: EvaluateConfig, log: Callable[[str], None] = print, *, details: dict | None = None
 ) -> dict[str, float]:
@@ -201,14 +252,15 @@ def _score(model: vit.VisionTransformer, batches, num_classes: int) -> dict:
     hits, correct, primaries = torch.zeros(2, dtype=torch.long), [], []
     n = num_classes if num_classes <= MAX_CONFUSION_CLASSES else 0
     confusion = torch.zeros(n, n, dtype=torch.long)
+    device = next(model.parameters()).device
     for images, targets in batches:
-        logits = model(images)
+        logits = model(normalize(images.to(device))).float().cpu()
         hits += torch.tensor([topk_hits(logits, targets, 1), topk_hits(logits, targets, 5)])
         predicted = logits.argmax(dim=-1)
         primary = targets.argmax(dim=-1) if targets.ndim == 2 else targets
         # multi-label: the top prediction is right when it is any of the image's labels (as topk_hits counts it)
         correct.append(targets.gather(1, predicted[:, None])[:, 0] > 0 if targets.ndim == 2 else predicted == targets)
-        primaries.append(primary)
+        primaries.append(primary.clone())  # the loader refills its batch buffers (recycle_batches): keep a copy
         if n:
             confusion += torch.bincount(primary * n + predicted, minlength=n * n).view_as(confusion)
     if not correct:
@@ -236,7 +288,7 @@ def top1_correct(cfg: EvaluateConfig) -> tuple[np.ndarray, np.ndarray]:
 def _model_and_test_set(cfg: EvaluateConfig) -> tuple[vit.VisionTransformer, ShardSet]:
     """The model to score (in eval mode, at ``cfg.image_size`` if set) and the split it is scored on."""
     path = local_weights(resolve_weights(cfg.model, cfg.storage_options), cfg.storage_options)
-    model = vit.load_model(path, **({"img_size": cfg.image_size} if cfg.image_size else {}))
+    model = vit.load_model(path, device=_device(), **({"img_size": cfg.image_size} if cfg.image_size else {}))
     return model.eval(), open_shards(cfg.shards, cfg.split, cfg.storage_options)
 
 
@@ -247,10 +299,11 @@ def _batches(shards: ShardSet, cfg: EvaluateConfig, image_size: int) -> Iterator
         batch_size=cfg.batch_size,
         shuffle_block=1,
         repeat=False,
-        recycle_batches=True,  # normalised into a new tensor right away
+        recycle_batches=True,  # each batch is used (normalised into a new tensor) before the next is asked for
     )
+    # uint8 pixels: moved to the model's device as they are (a quarter of the bytes of floats), normalised there.
     for images, targets, _ in make_loader(spec, workers=cfg.loader_workers):
-        yield normalize(images), targets
+        yield images, targets
 
 
 @torch.no_grad()
@@ -259,6 +312,7 @@ def _features(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Frozen representations (pre-logits) and primary labels; at most ``keep_per_class`` per class."""
     features, labels, counts = [], [], {}
+    device = next(model.parameters()).device
     for images, targets in batches:
         primary = targets.argmax(dim=-1) if targets.ndim == 2 else targets
         if keep_per_class is not None:
@@ -270,8 +324,9 @@ def _features(
             if not wanted:
                 continue
             images, primary = images[wanted], primary[wanted]
-        features.append(model.forward_head(model.forward_features(images), pre_logits=True).float())
-        labels.append(primary)
+        tokens = model.forward_features(normalize(images.to(device)))
+        features.append(model.forward_head(tokens, pre_logits=True).float().cpu())
+        labels.append(primary.clone())  # a view of a buffer the loader refills, unless indexed above
         if keep_per_class is not None and sum(counts.values()) >= keep_per_class * num_classes:
             break  # every class has its examples: the rest of the pool is not needed
     if not features:
