@@ -96,9 +96,16 @@ def list_files(url: str, storage_options: dict | None = None) -> list[ListedFile
     for path, info in found.items():
         if info.get("type", "file") != "file":
             continue
-        relative = posixpath.relpath(path, root) if path != root else posixpath.basename(path)
+        relative = relative_path(path, root) if path != root else posixpath.basename(path)
         files.append(ListedFile(relative, int(info.get("size") or 0), _version(info)))
     return sorted(files, key=lambda f: f.path)
+
+
+def relative_path(path: str, root: str) -> str:
+    """``path`` relative to ``root``, both as a filesystem names them (``bucket/key`` on S3, ``/abs`` locally).
+    ``posixpath.relpath`` alone reads the working directory for paths without a leading ``/`` (every S3 path),
+    and fails where that directory is gone (a Ray Job's unpacked working dir, cleaned up under it)."""
+    return posixpath.relpath(posixpath.join("/", path), posixpath.join("/", root))
 
 
 def listing_fingerprint(files: list[ListedFile]) -> str:

@@ -30,6 +30,7 @@ __all__ = [
 ]
 
 CONFIG_ENV = "VIT_PIPELINE_YAML"
+CLUSTER_PYTHON = "pipelines/orchestration/cluster_python.sh"  # relative to the job's working dir, the uploaded copy
 # Where to send results, not credentials: the cluster gets its secrets from its own environment (instance roles,
 # a secrets manager), never from the job's runtime_env, which anyone who can open the dashboard can read.
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL")
@@ -71,13 +72,16 @@ class JobsError(RuntimeError):
 
 
 def pipeline_entrypoint(config_path: str | None, overrides: Sequence[str] = ()) -> str:
-    """The shell command the cluster runs: ``python -m pipelines.cli run env:VIT_PIPELINE_YAML <overrides>``.
+    """The shell command the cluster runs:
+    ``sh pipelines/orchestration/cluster_python.sh -m pipelines.cli run env:VIT_PIPELINE_YAML <overrides>``.
 
-    ``python -m`` rather than the ``vit`` script: the module comes from the uploaded working dir (the job's cwd), so
-    the job runs the code as it is here even where the cluster installed another version. Overrides are shell-quoted:
-    the entrypoint is run by a shell.
+    The script runs the interpreter that runs the cluster's Ray, not the first ``python`` on the head's PATH (from
+    a virtualenv that ``ray start`` ran from without activating it, another Python without Ray or this package).
+    ``-m pipelines.cli`` rather than the ``vit`` script: the module comes from the uploaded working dir (the job's
+    cwd), so the job runs the code as it is here even where the cluster installed another version. Overrides are
+    shell-quoted: the entrypoint is run by a shell.
     """
-    words = ["python", "-m", "pipelines.cli", "run"]
+    words = ["sh", CLUSTER_PYTHON, "-m", "pipelines.cli", "run"]
     if config_path is not None:
         words.append(f"env:{CONFIG_ENV}")
     words += list(overrides)
@@ -138,6 +142,21 @@ def _check_env(env: Mapping[str, str]) -> None:
             raise JobsError(
                 f"--env {key}: a credential; a job's environment is readable by anyone who can open the dashboard. "
                 + _OWN_CREDENTIALS
+            )
+
+
+def _check_urls_carry_no_password(env: Mapping[str, str], where: str) -> None:
+    """A URL with a login in it (``http://user:password@mlflow:5000``) would put the password in the job's
+    runtime_env: refused, with how the cluster logs in instead."""
+    from pipelines.common.redaction import redact_url
+
+    for key, value in env.items():
+        if redact_url(value) != value:
+            raise JobsError(
+                f"{key} in {where} carries a password ({redact_url(value)}); a job's environment is readable by "
+                "anyone who can open the dashboard. Give the URL without it, and the cluster its own login: "
+                "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD in the environment of `ray start` on every node, "
+                "or the Kubernetes Secret mlflow-client (infra/kuberay)"
             )
 
 
@@ -226,10 +245,12 @@ def pipeline_runtime_env(
     if not root.is_dir():
         raise JobsError(f"working dir {working_dir}: no such directory")
     env_vars = {name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)}
+    _check_urls_carry_no_password(env_vars, "the environment")
     if config_path is not None:
         env_vars[CONFIG_ENV], _ = config_without_secrets(_config_text(config_path))
     if env:
         _check_env(env)
+        _check_urls_carry_no_password(env, "--env")
         env_vars.update(env)
     runtime_env: dict[str, Any] = {"working_dir": str(root.resolve()), "excludes": list(EXCLUDES)}
     if env_vars:

@@ -398,9 +398,18 @@ def render_kuberay(name: str, *, image: str = "vit-platform:latest", gpu_nodes: 
         "metadata": {"name": f"{slug}-config"},
         "data": {"pipeline.yaml": config_text},
     }
+    # As infra/kuberay: Ray's token authentication on every container (its Jobs API runs code for whoever reaches
+    # it), and credentials only from Secrets: S3, and the pipeline's MLflow login.
+    secrets = {
+        "env": [
+            {"name": "RAY_AUTH_MODE", "value": "token"},
+            {"name": "RAY_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {"name": "vit-ray-token", "key": "auth_token"}}},
+        ],
+        "envFrom": [{"secretRef": {"name": "vit-s3"}}, {"secretRef": {"name": "mlflow-client"}}],
+    }
     container = {
         "image": image,
-        "envFrom": [{"secretRef": {"name": "vit-s3"}}],
+        **secrets,
         "volumeMounts": [{"name": "pipeline-config", "mountPath": "/etc/vit"}],
     }
     cron_job = {
@@ -419,6 +428,7 @@ def render_kuberay(name: str, *, image: str = "vit-platform:latest", gpu_nodes: 
                 "ttlSecondsAfterFinished": 3600,
                 "rayClusterSpec": {
                     "rayVersion": "2.60.0",
+                    "authOptions": {"mode": "token", "secretName": "vit-ray-token"},
                     "headGroupSpec": {
                         "rayStartParams": {},
                         "template": {
@@ -442,7 +452,7 @@ def render_kuberay(name: str, *, image: str = "vit-platform:latest", gpu_nodes: 
                                             "name": "ray-worker",
                                             "image": image,
                                             "resources": {"limits": {"nvidia.com/gpu": "8"}},
-                                            "envFrom": [{"secretRef": {"name": "vit-s3"}}],
+                                            **secrets,
                                         }
                                     ]
                                 }
@@ -456,7 +466,11 @@ def render_kuberay(name: str, *, image: str = "vit-platform:latest", gpu_nodes: 
     header = (
         f"# `vit schedule render {name} --target kuberay`: the schedule {info.cron!r} ({info.timezone}) as a KubeRay\n"
         "# RayCronJob (KubeRay >= 1.6, RayCronJob feature gate on). kubectl apply -n vit -f this file.\n"
+        "# Secrets it reads (infra/kuberay/rayjob-pipeline.yaml says how to make them): vit-ray-token, vit-s3,\n"
+        "# mlflow-client.\n"
     )
+    if "@sha256:" not in image:
+        header += f"# The image {image} is not pinned by digest: pass --image REGISTRY/vit-platform:TAG@sha256:...\n"
     return header + yaml.dump_all([config_map, cron_job], Dumper=_literal_dumper(), sort_keys=False)
 
 

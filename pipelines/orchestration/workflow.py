@@ -57,6 +57,20 @@ class StepFailedError(RuntimeError):
     """A step raised; its state says so, and the next run of the pipeline picks it up again."""
 
 
+def _failure(err: BaseException) -> str:
+    """What went wrong, in a line: the error a Ray task raised rather than Ray's wrapper with the remote traceback,
+    and the path of a missing or unreadable file even where the error's text leaves it out (``[Errno 2] No such
+    file or directory`` from a subprocess or a storage client)."""
+    cause = getattr(err, "cause", None)  # ray.exceptions.RayTaskError carries the task's own exception
+    if isinstance(cause, BaseException) and type(err).__name__.startswith("RayTaskError"):
+        err = cause
+    text = f"{type(err).__name__}: {err}"
+    filename = getattr(err, "filename", None)
+    if isinstance(err, OSError) and filename and str(filename) not in text:
+        text += f": {filename}"
+    return text
+
+
 @dataclass
 class PipelineResult:
     workdir: str
@@ -254,10 +268,10 @@ class _Runner:
         try:
             outputs = getattr(self, f"_step_{step}")(label, attempt, inputs)
         except BaseException as err:
-            self.save_state(step, {**state, "status": "failed", "error": f"{type(err).__name__}: {err}"[:2000]})
+            self.save_state(step, {**state, "status": "failed", "error": _failure(err)[:2000]})
             if isinstance(err, (ConfigError, KeyboardInterrupt)):
                 raise
-            raise StepFailedError(f"step {step} failed: {type(err).__name__}: {err}") from err
+            raise StepFailedError(f"step {step} failed: {_failure(err)}") from err
         self.seconds[step] = time.perf_counter() - started
         self.outputs[step] = outputs
         self.ran.append(step)
@@ -449,7 +463,8 @@ class _Runner:
         if cfg.resize_size is None:  # evaluated as it was fine-tuned
             cfg.resize_size = tuned.get("resize_size")
         tags = {"vit.finetune_run_id": tuned["mlflow_run_id"]} if tuned.get("mlflow_run_id") else {}
-        result = run_evaluation(cfg, log=self._indent, parent_run_id=self.parent_id, tags=tags)
+        # on a GPU worker when the cluster has one: the driver that runs this step usually has none
+        result = run_evaluation(cfg, log=self._indent, parent_run_id=self.parent_id, tags=tags, on_cluster=True)
         outputs = {"metrics": result.metrics, "mlflow_run_id": result.mlflow_run_id}
         if result.top1_correct is not None:  # for the paired comparison with the champion when registering
             per_image = self.path("evaluations", f"{attempt}.npz")
@@ -468,6 +483,7 @@ class _Runner:
         import mlflow
 
         from pipelines.data.stream import read_classes, read_info
+        from pipelines.registry.model_card import CARD_FILE, card_summary, render_model_card
         from pipelines.registry.registry import log_vit_model, promote, register_model
         from pipelines.training.weights import local_weights
 
@@ -490,6 +506,15 @@ class _Runner:
                 )
         version = register_model(run_id, reg.model_name, metric=reg.metric)
         self.log(f"{label}: {reg.model_name} version {version.version} ({reg.metric} {metrics.get(reg.metric, 0):.4g})")
+        # The card goes on the run the version points to, so `vit registry show NAME VERSION` finds it from the
+        # version alone; written before promoting, whose decision the description then keeps after the summary.
+        card = self._model_card(version, local_weights(tuned["model_path"], options), read_classes(shards, options))
+        self.tracker.log_text(version.run_id, render_model_card(card), CARD_FILE)
+        earlier = (version.description or "").partition("\n\nPromotion: ")
+        described = card_summary(card) + (f"\n\nPromotion: {earlier[2]}" if earlier[1] else "")
+        self.tracker.retry(
+            lambda: self.tracker.client.update_model_version(reg.model_name, version.version, description=described)
+        )
         outputs = {"model_name": reg.model_name, "version": str(version.version), "promoted": False}
         if reg.promote:
             evidence = self._paired_comparison(str(version.version))
@@ -502,6 +527,74 @@ class _Runner:
             "vit.finetune_run_id": run_id,
         })  # fmt: skip
         return outputs
+
+    def _model_card(self, version, weights: str, classes: list[str]):
+        """The facts of the registered version's card, from the steps' outputs and the config (``model_card``)."""
+        from pipelines.registry.model_card import DatasetFacts, ModelCard, RecipeFacts
+
+        shard, tuned, evaluated = self.outputs["shard"], self.outputs["finetune"], self.outputs["evaluate"]
+        pretrained = self.outputs.get("pretrain", {})
+        variant, parameters = _variant_and_parameters(weights)
+        datasets = [
+            DatasetFacts(
+                role={"pretrain": "pretraining", "finetune": "fine-tuning"}[which],
+                source=data.source or data.shards,
+                shards=shard[f"shards_{which}"],
+                fingerprint=shard.get(f"fingerprint_{which}"),
+            )
+            for which, data in self._datasets().items()
+        ]
+        recipes = []
+        for which in ("pretrain", "finetune"):
+            train = getattr(self.cfg, which)
+            if train is None:
+                continue
+            recipes.append(
+                RecipeFacts(
+                    stage=which,
+                    steps=train.steps,
+                    epochs=train.epochs,
+                    batch_size=train.batch_size,
+                    optimizer=train.optim.name,
+                    lr=train.optim.lr,
+                    weight_decay=train.optim.weight_decay,
+                    schedule=train.optim.schedule,
+                    warmup_steps=train.optim.warmup_steps,
+                    image_size=train.data.image_size,
+                    resize_size=train.data.resize_size,
+                )
+            )
+        correct = None
+        if evaluated.get("per_image"):  # the exact count: eval/top1 is a rounded float
+            fs, path = filesystem(evaluated["per_image"], self._data_options("finetune"))
+            with fs.open(path, "rb") as f:
+                correct = int(np.load(io.BytesIO(f.read()), allow_pickle=False)["top1_correct"].sum())
+        lineage = {
+            "pipeline run": self.parent_id,
+            "pretraining run": pretrained.get("mlflow_run_id"),
+            "pretraining checkpoint": pretrained.get("checkpoint"),
+            "fine-tuning run (this version's run)": tuned.get("mlflow_run_id"),
+            "fine-tuning checkpoint": tuned.get("checkpoint"),
+            "fine-tuned from": None if pretrained else self.cfg.finetune.init_from,
+            "evaluation run": evaluated.get("mlflow_run_id"),
+            "per-image evaluation scores": evaluated.get("per_image"),
+            "logged model": version.source,
+        }
+        return ModelCard(
+            model_name=self.cfg.register.model_name,
+            version=str(version.version),
+            variant=variant,
+            parameters=parameters,
+            image_size=tuned["image_size"],
+            resize_size=tuned.get("resize_size"),
+            classes=list(classes),
+            datasets=datasets,
+            recipes=recipes,
+            split=self.cfg.evaluate.split,
+            metrics={k: v for k, v in evaluated["metrics"].items() if k != "eval/seconds"},
+            top1_correct=correct,
+            lineage={k: str(v) for k, v in lineage.items() if v},
+        )
 
     def _paired_comparison(self, challenger_version: str):
         """The champion re-scored on the challenger's evaluation images, paired image by image with the
@@ -573,6 +666,23 @@ def _section(name: str):
         yield
     except ConfigError as err:
         raise ConfigError(f"{name}.{err}") from None
+
+
+def _variant_and_parameters(weights: str) -> tuple[str, int]:
+    """A checkpoint's named size (``"Mu/8"``) and parameter count, from the safetensors header alone."""
+    from safetensors import safe_open
+
+    from vit.variants import size_of_width
+
+    with safe_open(weights, framework="pt") as f:
+        config = json.loads((f.metadata() or {}).get("config", "{}"))
+        parameters = sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())  # noqa: SIM118
+    width, patch = config.get("width"), config.get("patch_size")
+    size = size_of_width(width) if width else None
+    variant = f"{size}/{patch}" if size else f"width {width}, depth {config.get('depth')}, patch {patch}"
+    if config.get("resnet_layers"):  # a hybrid: its patch size is that of the stem's feature map
+        variant = f"hybrid (ResNet stem {tuple(config['resnet_layers'])}) + {variant}"
+    return variant, parameters
 
 
 def _digest(data: Any) -> str:

@@ -35,6 +35,7 @@ T = TypeVar("T")
 KEY_TAG = "vit.key"  # what a run is found again by: a training's run folder, an evaluation's fingerprint
 NOT_PARAMS = ("storage_options",)  # where data lives and how to reach it, not how a model was trained
 _BATCH = 1000  # MLflow takes at most 1000 metrics per log_batch
+_STEP_KEY = "train/loss"  # logged at every training step: the run's last step is its last point
 
 
 class TrackingError(RuntimeError):
@@ -105,6 +106,9 @@ class Tracker:
         # retry for `retry_seconds` themselves, and the first contact should fail fast and clearly.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+        # Each step already says where its run is; MLflow's "View run ... at" lines on every run's end would
+        # double the pipeline's log on a server.
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         from mlflow import MlflowClient
 
         self.cfg = cfg
@@ -222,7 +226,7 @@ class Tracker:
             self.retry(lambda chunk=missing[i : i + _BATCH]: self.client.log_batch(run_id, metrics=chunk))
         return len(missing)
 
-    def last_logged_step(self, run_id: str, key: str = "train/loss") -> int:
+    def last_logged_step(self, run_id: str, key: str = _STEP_KEY) -> int:
         history = self.retry(lambda: self.client.get_metric_history(run_id, key))
         return max((m.step for m in history), default=-1)
 
@@ -328,9 +332,14 @@ class LiveMetrics:
     """Rank 0's metrics to MLflow from a background thread, so a slow or absent server never stalls a step.
 
     Values wait in memory while the server is unreachable (one warning per outage) and go out once it
-    answers; whatever is still waiting at ``close`` is handed back for the driver to send."""
+    answers; whatever is still waiting at ``close`` is handed back for the driver to send.
 
-    def __init__(self, target: LiveTarget, *, flush_seconds: float = 5.0):
+    Every step goes to MLflow once, also across a restarted worker group: before its first send, this rank asks
+    the server for the last step the run holds and drops its own values up to it. Those are the steps between
+    the checkpoint the group resumed from and the moment the previous rank 0 stopped, which it had already sent
+    (the driver's ``skip_through_step`` is read once, before Ray Train starts any group)."""
+
+    def __init__(self, target: LiveTarget, *, flush_seconds: float | None = None):
         # One request must fail fast here: this thread retries on its own schedule and never blocks training.
         os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
         os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "10"
@@ -338,10 +347,12 @@ class LiveMetrics:
 
         self.target = target
         self.client = MlflowClient(target.uri)
-        self.flush_seconds = flush_seconds
+        # How often values go out: VIT_MLFLOW_FLUSH_SECONDS where the workers run (default 5 s, a request per 5 s)
+        self.flush_seconds = flush_seconds or float(os.environ.get("VIT_MLFLOW_FLUSH_SECONDS") or 5.0)
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.pending: list = []  # mlflow Metric entities not yet accepted by the server
         self.outage_since: float | None = None
+        self.logged_through: int | None = None  # the run's last step on the server, asked before the first send
         self.closing = threading.Event()
         self.thread = threading.Thread(target=self._run, name="vit-mlflow", daemon=True)
         self.thread.start()
@@ -389,15 +400,25 @@ class LiveMetrics:
                 return
             self.pending += [Metric(k, float(v), stamp, step) for k, v in metrics.items()]
 
+    def _drop_already_logged(self) -> None:
+        if self.logged_through is None:
+            history = self.client.get_metric_history(self.target.run_id, _STEP_KEY)
+            self.logged_through = max((m.step for m in history), default=-1)
+            if self.logged_through > self.target.skip_through_step:
+                log.info("[vit] MLflow holds steps through %d already: sending from the next", self.logged_through)
+        self.pending = [m for m in self.pending if m.step > self.logged_through]
+
     def _run(self) -> None:
         wait = self.flush_seconds
         while True:
             closing = self.closing.wait(wait)
             self._drain()
             while self.pending:
-                chunk = self.pending[:_BATCH]
                 try:
-                    self.client.log_batch(self.target.run_id, metrics=chunk)
+                    self._drop_already_logged()
+                    chunk = self.pending[:_BATCH]
+                    if chunk:
+                        self.client.log_batch(self.target.run_id, metrics=chunk)
                 except Exception as err:
                     if self.outage_since is None:
                         self.outage_since = time.monotonic()

@@ -2,21 +2,19 @@
 
 The cluster is started once for the module (~10-20 s on 2 cores) in a session of its own, with its own ports and a
 temp dir of its own, so it neither sees nor disturbs other Ray instances on the machine (never `ray stop`: that ends
-every Ray instance of the user). Quick jobs use ``entrypoint`` so they test the submission, not the pipeline.
+every Ray instance of the user). Quick jobs use ``entrypoint`` so they test the submission, not the pipeline: the
+pipeline itself goes to a multi-node cluster in test_cluster_e2e.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -33,7 +31,6 @@ from pipelines.orchestration.jobs import JobsError
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
-RAY_CURRENT_CLUSTER = Path("/tmp/ray/ray_current_cluster")  # what a bare ray.init() attaches to
 
 
 def _free_port() -> int:
@@ -66,9 +63,42 @@ def _assert_user_error(code: int, output: str, *fragments: str) -> None:
 def test_the_entrypoint_reads_the_config_from_the_environment_and_quotes_overrides():
     overrides = ["train.steps=3", "name=two words", "x=$(touch /tmp/pwned)"]
     command = package.pipeline_entrypoint("configs/big.yaml", overrides)
-    assert command.startswith("python -m pipelines.cli run env:VIT_PIPELINE_YAML ")
-    assert shlex.split(command)[5:] == overrides  # the shell gives the command exactly the words we meant
-    assert package.pipeline_entrypoint(None, ["a=1"]) == "python -m pipelines.cli run a=1"
+    assert command.startswith(f"sh {package.CLUSTER_PYTHON} -m pipelines.cli run env:VIT_PIPELINE_YAML ")
+    assert shlex.split(command)[6:] == overrides  # the shell gives the command exactly the words we meant
+    assert package.pipeline_entrypoint(None, ["a=1"]) == f"sh {package.CLUSTER_PYTHON} -m pipelines.cli run a=1"
+
+
+def _run_under_a_raylet(command: str, env: dict, worker_python: str) -> subprocess.CompletedProcess:
+    """``command`` in a shell started by a stand-in for a raylet (the system Python, with the raylet's argument
+    naming the interpreter of Ray's workers), the way a Ray Job's supervisor starts its entrypoint."""
+    raylet = "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1], shell=True))"
+    argv = ["/usr/bin/python3", "-c", raylet, command, f"--python_worker_command={worker_python} -u default_worker.py"]
+    return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_the_entrypoint_runs_the_python_of_the_clusters_ray_not_the_first_on_the_path():
+    bare = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp")}  # a venv that was never activated
+    probe = "import pipelines, ray, sys; print(sys.executable, ray.__version__)"
+    command = f"sh {package.CLUSTER_PYTHON} -c {shlex.quote(probe)}"
+    done = _run_under_a_raylet(command, bare, sys.executable)
+    assert done.returncode == 0, done.stderr
+    import ray
+
+    assert done.stdout.split() == [sys.executable, ray.__version__]
+    assert f"vit: python is {sys.executable}" in done.stderr  # the job's log says which interpreter ran it
+
+    # VIT_PYTHON, where `ray start` ran, wins; without it and without a raylet above, python3 on the PATH.
+    done = _run_under_a_raylet(command, {**bare, "VIT_PYTHON": "/nonexistent/python"}, sys.executable)
+    assert done.returncode != 0 and "/nonexistent/python" in done.stderr
+    done = subprocess.run(
+        ["sh", package.CLUSTER_PYTHON, "-c", "import sys; print(sys.executable)"],
+        cwd=REPO,
+        env=bare,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0 and done.stdout.strip() == shutil.which("python3", path=bare["PATH"])
 
 
 def test_the_runtime_env_ships_the_config_text_and_endpoints_but_no_credentials(tmp_path, monkeypatch):
@@ -96,6 +126,17 @@ def test_the_runtime_env_ships_the_config_text_and_endpoints_but_no_credentials(
     assert "do-not-ship" not in repr(runtime_env)
     assert runtime_env["pip"] == ["requests>=2", "tqdm"]
     assert "VIT_PIPELINE_YAML" not in package.pipeline_runtime_env(None, working_dir=str(tmp_path)).get("env_vars", {})
+
+
+def test_a_tracking_url_with_a_password_is_refused_not_shipped(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://alice:s3cret@mlflow.internal:5000")
+    with pytest.raises(JobsError) as refused:
+        package.pipeline_runtime_env(None, working_dir=str(tmp_path))
+    message = str(refused.value)
+    assert "MLFLOW_TRACKING_URI" in message and "s3cret" not in message and "MLFLOW_TRACKING_PASSWORD" in message
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
+    with pytest.raises(JobsError, match="VIT_DB"):
+        package.pipeline_runtime_env(None, working_dir=str(tmp_path), env={"VIT_DB": "postgresql://u:pw@db/x"})
 
 
 def test_a_config_with_credentials_ships_without_them_and_says_how_the_cluster_gets_its_own(tmp_path, monkeypatch):
@@ -246,106 +287,19 @@ def test_an_unreachable_address_is_a_clear_error():
 class RayHead:
     address: str  # the dashboard: the Jobs API
     gcs_port: int  # a live port that is not a dashboard
-    session: int  # the session id of every process of the cluster
-
-
-def _cluster_processes(session: int, temp_dir: str) -> list[str]:
-    """``ps`` lines of live processes of the cluster: in its session, or naming its temp dir (in case one left it)."""
-    lines = subprocess.run(["ps", "-eo", "pid=,sid=,stat=,args="], capture_output=True, text=True).stdout
-    found = []
-    for line in lines.splitlines():
-        pid, sid, stat, args = (line.split(None, 3) + [""])[:4]
-        if stat.startswith("Z") or int(pid) == os.getpid():
-            continue
-        if int(sid) == session or temp_dir in args:
-            found.append(line.strip())
-    return found
-
-
-def _signal_all(pids: list[int], sig: signal.Signals) -> None:
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):  # ended meanwhile
-            os.kill(pid, sig)
-
-
-def _stop_cluster(process: subprocess.Popen, temp_dir: str) -> None:
-    """End every process of the cluster (ours alone, by pid): SIGTERM to all, then SIGKILL to what is left.
-
-    `ray start --block` passes SIGTERM on to its children, but Ray's workers run in process groups of their own (same
-    session, which finds them all) and the GCS and raylet take 10-35 s to end gracefully.
-    """
-    session = process.pid
-
-    def pids() -> list[int]:
-        return [int(line.split()[0]) for line in _cluster_processes(session, temp_dir)]
-
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(session, signal.SIGTERM)
-    _signal_all(pids(), signal.SIGTERM)
-    deadline = time.monotonic() + 3  # a graceful stop takes ~35 s here (GCS, raylet): not worth it for a test cluster
-    while pids() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    _signal_all(pids(), signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(timeout=10)
-    deadline = time.monotonic() + 10
-    while pids() and time.monotonic() < deadline:
-        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
-def ray_head() -> Iterator[RayHead]:
+def ray_head(servers) -> Iterator[RayHead]:
     """A real head node with the dashboard, on free ports, in its own session; stopped (and checked) afterwards."""
-    marker_before = RAY_CURRENT_CLUSTER.read_bytes() if RAY_CURRENT_CLUSTER.exists() else None
-    temp_dir = tempfile.mkdtemp(prefix="vj", dir="/tmp")  # short: Ray's unix socket paths must stay < 107 chars
-    ports = {
-        name: _free_port()
-        for name in (
-            "port",
-            "dashboard-port",
-            "ray-client-server-port",
-            "node-manager-port",
-            "object-manager-port",
-            "dashboard-agent-listen-port",
-            "dashboard-agent-grpc-port",
-            "runtime-env-agent-port",
-            "metrics-export-port",
-        )
-    }
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
-    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"  # `python` in a job is this venv's python
-    env["RAY_USAGE_STATS_ENABLED"] = "0"
-    command = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--num-cpus", "4", "--include-dashboard=true"]
-    command += ["--dashboard-host", "127.0.0.1", "--temp-dir", temp_dir, "--disable-usage-stats"]
-    command += [arg for name, port in ports.items() for arg in (f"--{name}", str(port))]
-    log_path = Path(temp_dir) / "ray-start.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=temp_dir, start_new_session=True
-        )
-    address = f"http://127.0.0.1:{ports['dashboard-port']}"
+    env = dict(os.environ)
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"  # `python` in a custom entrypoint: this venv's
+    nodes = servers.RayNodes(env)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                jobs.list_jobs(address)
-                break
-            except JobsError as err:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"no Ray dashboard at {address} ({err}): {log_path.read_text()[-3000:]}"
-                    ) from err
-                time.sleep(0.5)
-        yield RayHead(address=address, gcs_port=ports["port"], session=process.pid)
+        yield RayHead(address=nodes.start_head(num_cpus=4), gcs_port=nodes.gcs_port)
     finally:
-        _stop_cluster(process, temp_dir)
-        left = _cluster_processes(process.pid, temp_dir)
-        if marker_before is None:
-            RAY_CURRENT_CLUSTER.unlink(missing_ok=True)
-        elif RAY_CURRENT_CLUSTER.read_bytes() != marker_before:
-            RAY_CURRENT_CLUSTER.write_bytes(marker_before)
-        shutil.rmtree(temp_dir, ignore_errors=True)
-        assert not left, f"processes of the test cluster still running: {left}"
+        left = nodes.shutdown()
+    assert not left, f"processes of the test cluster still running: {left}"
 
 
 def _wait_until_running(address: str, job_id: str, timeout: float = 120) -> None:
@@ -466,49 +420,3 @@ def test_an_unknown_job_id_and_a_port_that_is_no_dashboard_are_clear_errors(ray_
     wrong = f"http://127.0.0.1:{ray_head.gcs_port}"  # alive, but Ray's GCS (gRPC), not the dashboard
     code, output = _cli("list", "--address", wrong)
     _assert_user_error(code, output, wrong, "8265")
-
-
-@pytest.mark.slow
-@pytest.mark.distributed
-def test_submit_runs_the_pipeline(ray_head, mlflow_uri, tmp_path):
-    """The real entrypoint: `vit run env:VIT_PIPELINE_YAML` with the local demo config at toy size (the settings of
-    test_workflow.py), on the cluster's Ray, tracked on the session's MLflow server (MLFLOW_TRACKING_URI is forwarded
-    to the job). The config goes as text; the job's working dir is an uploaded copy of this checkout."""
-    config = REPO / "pipelines" / "configs" / "local.yaml"  # PipelineConfig's own defaults are paper-sized (B/16)
-    overrides = [
-        "pretrain_data.synth.images=300",
-        "pretrain.steps=6",
-        "pretrain.optim.warmup_steps=2",
-        "pretrain.checkpoint_every=3",
-        "finetune.steps=6",
-        "finetune.optim.warmup_steps=2",
-        "evaluate.shots=[1,5]",
-        f"workdir={tmp_path / 'work'}",
-        "tracking.experiment=submitted",
-        "register.model_name=submitted-model",
-    ]
-    job_id = jobs.submit_pipeline(str(config), overrides, address=ray_head.address, working_dir=str(REPO))
-    info = jobs.wait_for_job(ray_head.address, job_id, timeout=600, poll_s=2.0)
-    logs = jobs.job_logs(ray_head.address, job_id)
-    assert info.status == "SUCCEEDED", logs[-3000:]
-    assert info.entrypoint.startswith("python -m pipelines.cli run env:VIT_PIPELINE_YAML ")
-    assert shlex.split(info.entrypoint)[5:] == overrides
-    assert "pipeline run" in logs
-    # What the job left on the tracking server: the pipeline's run with its steps, and a champion to load.
-    import mlflow
-
-    client = mlflow.MlflowClient(mlflow_uri)
-    parent_id = re.search(r"pipeline run (\w+)", logs)[1]
-    parent = client.get_run(parent_id)
-    assert parent.info.status == "FINISHED" and parent.data.tags["vit.workdir"] == str(tmp_path / "work")
-    children = client.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
-    assert {r.data.tags["vit.step"] for r in children} == {
-        "corpus",
-        "shard",
-        "pretrain",
-        "finetune",
-        "evaluate",
-        "register",
-    }
-    champion = client.get_model_version_by_alias("submitted-model", "champion")
-    assert champion.run_id in {r.info.run_id for r in children if r.data.tags["vit.step"] == "finetune"}

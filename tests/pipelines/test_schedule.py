@@ -154,6 +154,16 @@ def test_render_writes_the_same_schedule_as_a_raycronjob_without_credentials(pre
     entrypoint = cron_job["spec"]["jobTemplate"]["entrypoint"]
     assert entrypoint == "python -m pipelines.cli run /etc/vit/pipeline.yaml finetune.steps=1000"
     assert "pipeline.yaml: |" in out.read_text()  # the config as a block, readable as the file it came from
+    # Secure as infra/kuberay: token authentication on every Ray container, credentials only from Secrets.
+    cluster = cron_job["spec"]["jobTemplate"]["rayClusterSpec"]
+    assert cluster["authOptions"] == {"mode": "token", "secretName": "vit-ray-token"}
+    pods = [cluster["headGroupSpec"]] + cluster["workerGroupSpecs"]
+    for container in (c for pod in pods for c in pod["template"]["spec"]["containers"]):
+        env = {e["name"]: e for e in container["env"]}
+        assert env["RAY_AUTH_MODE"]["value"] == "token"
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "vit-ray-token"
+        assert {s["secretRef"]["name"] for s in container["envFrom"]} == {"vit-s3", "mlflow-client"}
+    assert "not pinned by digest" in out.read_text()  # the default image is a tag
     shipped = yaml.safe_load(config_map["data"]["pipeline.yaml"])
     assert shipped["workdir"] == "s3://bucket/vit" and "s3cr3t" not in out.read_text() and "AKIA" not in out.read_text()
     vit(prefect_env, "schedule", "remove", "nightly")

@@ -124,6 +124,29 @@ def test_live_metrics_buffer_through_an_outage_and_hand_back_what_never_got_thro
     assert losses(mlflow_server.uri, run_id) == list(range(1, 9))
 
 
+def test_a_restarted_rank_0_does_not_log_again_the_steps_its_predecessor_sent(mlflow_server, monkeypatch):
+    """A worker group restarted by Ray Train resumes at its last checkpoint, behind what the previous rank 0 had
+    already sent; the skip point the driver read before training is older still. The new rank 0 asks the server."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    tracker = Tracker(TrackingConfig(uri=mlflow_server.uri, experiment="restart-unit"))
+    run_id = tracker.start_run(key="restart-unit", name="unit")
+    target = LiveTarget(uri=mlflow_server.uri, run_id=run_id, system_metrics=False)  # skip point read: none yet
+    first = LiveMetrics(target, flush_seconds=0.1)
+    for step in range(1, 14):  # trained to 13; checkpoint at 10
+        first.log(step, {"train/loss": 1.0 / step, "train/lr": 0.1})
+    assert first.close(timeout=10) == []
+    second = LiveMetrics(target, flush_seconds=0.1)
+    for step in range(11, 21):  # resumed at 10: steps 11-13 again, then on
+        second.log(step, {"train/loss": 2.0 / step, "train/lr": 0.2})
+    assert second.close(timeout=10) == []
+    from mlflow import MlflowClient
+
+    history = MlflowClient(mlflow_server.uri).get_metric_history(run_id, "train/loss")
+    assert sorted(m.step for m in history) == list(range(1, 21))  # every step once
+    assert {m.step: m.value for m in history}[12] == 1.0 / 12  # as first sent
+    assert losses(mlflow_server.uri, run_id) == list(range(1, 21))
+
+
 def test_training_finishes_through_a_tracking_outage_and_loses_no_step(relay, mlflow_server, synth_shards, tmp_path):
     """The relay goes down at pretraining's first checkpoint and comes back only after its last: the run
     finishes, and MLflow ends up with every step's loss exactly once and the run FINISHED."""

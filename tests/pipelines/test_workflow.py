@@ -209,3 +209,23 @@ def test_the_pipeline_runs_with_its_workdir_on_s3(s3_bucket, s3_storage_options,
     assert result.outputs["register"]["version"] == "1"
     again = run_pipeline(cfg, log=messages.append)
     assert again.ran == [] and len(again.cached) == 6
+
+
+def test_a_failed_step_names_the_error_a_task_raised_and_the_file_it_could_not_find():
+    import errno
+
+    import ray.exceptions
+
+    from pipelines.orchestration.workflow import _failure
+
+    missing = FileNotFoundError(errno.ENOENT, "No such file or directory", "s3://bucket/corpus/labels.parquet")
+    assert _failure(missing) == (
+        "FileNotFoundError: [Errno 2] No such file or directory: 's3://bucket/corpus/labels.parquet'"
+    )
+    bare = FileNotFoundError(errno.ENOENT, "No such file or directory")
+    bare.filename2 = None
+    assert _failure(bare) == "FileNotFoundError: [Errno 2] No such file or directory"
+    wrapped = ray.exceptions.RayTaskError("write_shard", "Traceback (most recent call last): ...", missing)
+    wrapped = wrapped.as_instanceof_cause()  # what ray.get raises: a RayTaskError(FileNotFoundError)
+    assert _failure(wrapped) == _failure(missing)
+    assert "Traceback" not in _failure(wrapped)

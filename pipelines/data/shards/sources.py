@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 from fsspec.implementations.local import LocalFileSystem
 
-from pipelines.common.storage import ListedFile, join, list_files, listing_fingerprint
+from pipelines.common.storage import ListedFile, join, list_files, listing_fingerprint, relative_path
 from pipelines.data.shards.config import ShardConfig
 from pipelines.data.shards.format import CLASSES_FILE, SOURCES_FILE, SOURCES_SCHEMA
 from pipelines.data.shards.index import _label_table_url, _row_identities, _table_chunks, _table_parts
@@ -64,7 +64,7 @@ def list_sources(kind: str, src_fs, src: str, dst_fs, dst: str, cfg: ShardConfig
         if root != src and src_fs.isfile(classes):  # its ids are kept: a change renumbers labels
             listed = list_files(src_fs.unstrip_protocol(classes), cfg.storage_options)[0]
             files.append(ListedFile(SOURCE_CLASSES, listed.size, listed.version))
-        return Listing(kind, files, table=posixpath.relpath(table_path, root))
+        return Listing(kind, files, table=relative_path(table_path, root))
     files = list_files(cfg.src, cfg.storage_options)
     if kind == "tars":
         return Listing(kind, files if src_fs.isfile(src) else [f for f in files if f.path.endswith(".tar")])
@@ -93,7 +93,7 @@ def _inside(dst_fs, dst: str, fs, root: str) -> str | None:
         return None
     if isinstance(fs, LocalFileSystem):
         dst, root = os.path.realpath(dst), os.path.realpath(root)
-    return posixpath.relpath(dst, root) if dst.startswith(root.rstrip("/") + "/") else None
+    return relative_path(dst, root) if dst.startswith(root.rstrip("/") + "/") else None
 
 
 def _under(path: str, folder: str | None) -> bool:
