@@ -6,6 +6,8 @@
   between a query patch and the patches it attends to, weighted by attention ("receptive field").
 * :func:`pos_embed_similarity` -- Fig. 7 centre: cosine similarity of each patch's position
   embedding with every other's, laid out on the grid.
+* :func:`patch_embed_components` -- Fig. 7 left: the principal components of the patch-embedding
+  filters, each a (C, P, P) patch, with the share of the filters' variance it explains.
 """
 
 from __future__ import annotations
@@ -35,7 +37,10 @@ def rollout(maps: list[torch.Tensor]) -> torch.Tensor:
         a = a / a.sum(dim=-1, keepdim=True)
         flow = a @ flow
     to_patches = flow[:, 0, 1:]  # (B, N)
-    return to_patches / to_patches.sum(dim=-1, keepdim=True)
+    total = to_patches.sum(dim=-1, keepdim=True)
+    # A class token that only ever attends to itself singles out no patch: uniform, rather than 0/0.
+    uniform = torch.full_like(to_patches, 1.0 / to_patches.shape[-1])
+    return torch.where(total > 0, to_patches / total.clamp_min(torch.finfo(total.dtype).tiny), uniform)
 
 
 @torch.no_grad()
@@ -63,6 +68,26 @@ def pos_embed_similarity(model: VisionTransformer) -> torch.Tensor:
     normed = F.normalize(grid.float(), dim=-1)
     h, w = model.grid_size
     return (normed @ normed.T).reshape(h, w, h, w)
+
+
+@torch.no_grad()
+def patch_embed_components(model: VisionTransformer, k: int = 28) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top ``k`` principal components of the D patch-embedding filters, (k, C, P, P), and the
+    fraction of the filters' variance each explains, (k,). Fewer than ``k`` when D or C*P*P is smaller."""
+    if model.stem is not None:
+        raise ValueError("a hybrid's patch embedding filters the ResNet stem's features, not pixels")
+    weight = model.patch_embed.proj.weight.float()  # (D, C, P, P): one filter per output channel
+    filters = weight.flatten(1)  # (D, C*P*P)
+    centred = filters - filters.mean(dim=0, keepdim=True)
+    _, s, vh = torch.linalg.svd(centred, full_matrices=False)  # rows of vh: components, strongest first
+    variance = s.square()
+    ratio = variance / variance.sum().clamp_min(torch.finfo(variance.dtype).tiny)
+    k = min(k, vh.shape[0])
+    components = vh[:k]
+    # An SVD component is defined up to sign; fixing it (largest entry positive) keeps pictures stable across runs.
+    peak = components.gather(1, components.abs().argmax(dim=1, keepdim=True))
+    components = components * torch.where(peak < 0, -1.0, 1.0)
+    return components.reshape(k, *weight.shape[1:]), ratio[:k]
 
 
 def _grid_of(model: VisionTransformer, images: torch.Tensor) -> tuple[int, int]:

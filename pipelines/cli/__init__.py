@@ -3,6 +3,7 @@
     pipeline.py  run, pretrain, finetune, evaluate, show-config
     data.py      corpus synth|digits, shard [verify]
     models.py    models, convert
+    inspect.py   inspect: the paper's analysis figures (Figs. 6, 7) of one model
     jobs.py      submit, jobs list|status|logs|stop
     registry.py  registry list|show|promote, predict
     schedule.py  schedule add|list|run|pause|resume|remove|serve|render (Prefect, an optional extra)
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import click
 
-from pipelines.cli import data, jobs, models, pipeline, registry, schedule
+from pipelines.cli import data, inspect, jobs, models, pipeline, registry, schedule
 
 
 @click.group(
@@ -31,6 +32,7 @@ from pipelines.cli import data, jobs, models, pipeline, registry, schedule
         data.shard,
         models.models,
         models.convert,
+        inspect.inspect_command,
         jobs.submit,
         jobs.jobs,
         registry.registry,

@@ -4,7 +4,13 @@ import pytest
 import torch
 
 import vit
-from vit.analysis import attention_rollout, mean_attention_distance, pos_embed_similarity, rollout
+from vit.analysis import (
+    attention_rollout,
+    mean_attention_distance,
+    patch_embed_components,
+    pos_embed_similarity,
+    rollout,
+)
 
 
 def model(**overrides):
@@ -62,3 +68,76 @@ def test_pos_embed_similarity_diagonal_is_one():
     for i in range(4):
         for j in range(4):
             assert s[i, j, i, j].item() == pytest.approx(1.0, abs=1e-6)
+
+
+# ---------------------------------------------------------------- known answers
+
+
+def _with_attention(m, maps):
+    """``m`` whose every block attends as ``maps`` (one (B, H, T, T) tensor per block) says, whatever its input."""
+    m.get_attention_maps = lambda images: [a.expand(images.shape[0], -1, -1, -1) for a in maps]
+    return m
+
+
+def _mean_pairwise_distance(side: int, stride: float) -> float:
+    coords = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij"), -1).reshape(-1, 2)
+    return torch.cdist(coords * stride, coords * stride).mean().item()
+
+
+def test_a_head_attending_only_to_itself_has_distance_zero_and_a_uniform_one_the_mean_pairwise_distance():
+    m = model()  # 4x4 grid of 8 px patches, 4 heads, 4 blocks
+    T, N = 17, 16
+    head_maps = torch.zeros(1, 4, T, T)
+    head_maps[0, 0] = torch.eye(T)  # head 1: itself only
+    head_maps[0, 1] = 1 / T  # head 2: every token alike (class token included: renormalised away)
+    head_maps[0, 2, :, 1:] = 1 / N  # head 3: every patch alike
+    head_maps[0, 3] = torch.eye(T)
+    d = mean_attention_distance(_with_attention(m, [head_maps] * m.config.depth), torch.zeros(3, 3, 32, 32))
+    expected = _mean_pairwise_distance(4, 8.0)
+    torch.testing.assert_close(d, torch.tensor([[0.0, expected, expected, 0.0]]).expand(m.config.depth, 4))
+
+
+def test_rollout_of_identity_attention_is_uniform_over_patches():
+    """The class token never looks at a patch, so no patch stands out: uniform, not 0/0."""
+    identity = torch.eye(17).expand(2, 3, 17, 17)
+    torch.testing.assert_close(rollout([identity] * 3), torch.full((2, 16), 1 / 16))
+
+
+def test_rollout_rows_of_random_attention_sum_to_one():
+    g = torch.Generator().manual_seed(0)
+    maps = [torch.randn(3, 4, 17, 17, generator=g).mul(3).softmax(dim=-1) for _ in range(5)]
+    weights = rollout(maps)
+    assert weights.shape == (3, 16)
+    assert (weights >= 0).all()
+    torch.testing.assert_close(weights.sum(dim=-1), torch.ones(3))
+
+
+def test_filters_in_a_plane_have_two_components_explaining_all_variance():
+    m = model()  # D = 64 filters of 3 x 8 x 8 = 192 values
+    D, F = 64, 3 * 8 * 8
+    g = torch.Generator().manual_seed(0)
+    basis, _ = torch.linalg.qr(torch.randn(F, 2, generator=g))  # (F, 2) orthonormal: the plane
+    coefficients = torch.randn(D, 2, generator=g) * torch.tensor([3.0, 1.0])  # the first direction dominates
+    offset = torch.randn(F, generator=g)  # a common mean filter: PCA centres it away
+    with torch.no_grad():
+        m.patch_embed.proj.weight.copy_((coefficients @ basis.T + offset).reshape(D, 3, 8, 8))
+    pcs, ratio = patch_embed_components(m, k=5)
+    assert pcs.shape == (5, 3, 8, 8) and ratio.shape == (5,)
+    assert ratio[:2].sum().item() == pytest.approx(1.0, abs=1e-5)
+    assert ratio[0] > ratio[1]
+    flat = pcs.flatten(1)
+    # The top two lie in the plane (their projection onto it is themselves) and are orthonormal.
+    torch.testing.assert_close(flat[:2] @ basis @ basis.T, flat[:2], atol=1e-5, rtol=0)
+    torch.testing.assert_close(flat[:2] @ flat[:2].T, torch.eye(2), atol=1e-5, rtol=0)
+    # The sign is fixed: each component's largest entry is positive.
+    assert (flat.gather(1, flat.abs().argmax(dim=1, keepdim=True)) > 0).all()
+
+
+def test_filter_components_are_fewer_when_there_are_fewer_filters_and_refused_for_hybrids():
+    m = vit.VisionTransformer(vit.ViTConfig(img_size=32, patch_size=8, width=8, depth=1, num_heads=2, mlp_dim=16))
+    pcs, ratio = patch_embed_components(m, k=28)
+    assert pcs.shape == (8, 3, 8, 8)
+    assert ratio.sum().item() == pytest.approx(1.0, abs=1e-5)
+    hybrid = vit.create_model("R26+Mu/32", img_size=64, num_classes=0, device="meta")
+    with pytest.raises(ValueError, match="stem"):
+        patch_embed_components(hybrid)
