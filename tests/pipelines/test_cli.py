@@ -150,6 +150,7 @@ def test_every_command_answers_help_and_lives_in_the_module_of_its_group():
         **dict.fromkeys(["run", "pretrain", "finetune", "evaluate", "show-config"], "pipelines.cli.pipeline"),
         **dict.fromkeys(["corpus", "shard"], "pipelines.cli.data"),
         **dict.fromkeys(["models", "convert"], "pipelines.cli.models"),
+        "inspect": "pipelines.cli.inspect",
         **dict.fromkeys(["submit", "jobs"], "pipelines.cli.jobs"),
         **dict.fromkeys(["registry", "predict"], "pipelines.cli.registry"),
         "schedule": "pipelines.cli.schedule",
