@@ -22,6 +22,7 @@ from pipelines.registry.registry import (
     RegistryError,
     describe_model,
     list_models,
+    model_card,
     promote,
 )
 
@@ -115,11 +116,16 @@ def list_command(tracking_uri: str | None, as_json: bool) -> None:
 @tracking_uri_option
 @click.option("--json", "as_json", is_flag=True, help="The whole description as JSON.")
 @click.argument("name")
-def show_command(tracking_uri: str | None, as_json: bool, name: str) -> None:
-    """Show model NAME: its versions, aliases, metric values and source runs."""
+@click.argument("version", required=False)
+def show_command(tracking_uri: str | None, as_json: bool, name: str, version: str | None) -> None:
+    """Show model NAME: its versions, aliases, metric values and source runs; with VERSION, that version's model
+    card (data, recipe, metrics with 95% intervals, lineage, intended use and limits)."""
     _connect(tracking_uri)
     with _user_errors():
         info = describe_model(name)
+        if version is not None:
+            _show_version(info, version, as_json)
+            return
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -137,6 +143,29 @@ def show_command(tracking_uri: str | None, as_json: bool, name: str) -> None:
         click.echo("\npromotion decisions (paired on the same evaluation images):")
         for v in decided:
             click.echo(f"  version {v['version']}: {v['tags']['promotion.decision']}: {v['tags']['promotion.reason']}")
+
+
+def _show_version(info: dict[str, Any], version: str, as_json: bool) -> None:
+    """One version: a line on where it stands, then its model card (or why there is none)."""
+    found = next((v for v in info["versions"] if v["version"] == version), None)
+    if found is None:
+        raise RegistryError(f"model {info['name']!r} has no version {version}")
+    card = model_card(info["name"], version)
+    if as_json:
+        click.echo(json.dumps({"name": info["name"], **found, "model_card": card}, indent=2))
+        return
+    aliases = ", ".join(found["aliases"]) or "no alias"
+    click.echo(f"{info['name']} version {version}  ({aliases})  run {found['run_id'] or '-'}")
+    if "promotion.decision" in found["tags"]:
+        click.echo(f"promotion: {found['tags']['promotion.decision']}: {found['tags']['promotion.reason']}")
+    click.echo("")
+    if card is None:
+        click.echo(
+            f"no model card: the run of version {version} has no model_card.md (registered outside the pipeline, "
+            "or before model cards)"
+        )
+        return
+    click.echo(card.rstrip("\n"))
 
 
 @registry.command(name="promote")

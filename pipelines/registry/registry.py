@@ -446,6 +446,29 @@ def list_models() -> list[dict[str, Any]]:
     return sorted(models, key=lambda m: m["name"])
 
 
+def model_card(name: str, version: str | int) -> str | None:
+    """The ``model_card.md`` the pipeline logged on the run of version ``version`` of ``name``; None when that run
+    has none (a version registered by hand, or before cards) or is gone."""
+    import mlflow
+
+    from pipelines.registry.model_card import CARD_FILE
+
+    client = _client()
+    found = _version(client, name, version)
+    if not found.run_id:
+        return None
+    try:
+        if CARD_FILE not in {a.path for a in client.list_artifacts(found.run_id)}:
+            return None
+    except Exception as err:
+        if _not_found(err):  # the run was deleted: its version outlives it
+            return None
+        raise
+    with tempfile.TemporaryDirectory(prefix="vit-card-") as tmp:
+        path = mlflow.artifacts.download_artifacts(run_id=found.run_id, artifact_path=CARD_FILE, dst_path=tmp)
+        return Path(path).read_text()
+
+
 def describe_model(name: str) -> dict[str, Any]:
     """One registered model and all its versions (newest first) as plain data, metric values included."""
     client = _client()

@@ -409,6 +409,17 @@ def test_cli_lists_shows_promotes_and_predicts(tracking, champion, image_files, 
     _check(rows, reference)
 
 
+def test_cli_shows_a_version_and_says_when_it_has_no_model_card(tracking, champion):
+    runner = CliRunner()
+    shown = runner.invoke(registry_cli.registry, ["show", champion, "1"])
+    assert shown.exit_code == 0, shown.output
+    assert shown.stdout.startswith(f"{champion} version 1  (challenger, champion)") and "no model card" in shown.stdout
+    as_json = runner.invoke(registry_cli.registry, ["show", champion, "1", "--json"])
+    assert as_json.exit_code == 0 and json.loads(as_json.stdout)["model_card"] is None, as_json.output
+    missing = runner.invoke(registry_cli.registry, ["show", champion, "9"])
+    assert missing.exit_code == 2 and "has no version 9" in missing.stderr, missing.output
+
+
 def test_cli_user_errors_exit_2_without_a_traceback(tracking, champion, image_files):
     runner = CliRunner()
     cases = {

@@ -88,6 +88,33 @@ def test_the_pipeline_runs_every_step_and_tells_the_story_in_mlflow(pipeline):
     assert client.get_model_version_by_alias("wf-model", "challenger").version == "1"
 
 
+def test_the_registered_version_carries_its_model_card(pipeline):
+    import mlflow
+
+    from pipelines.registry.model_card import SECTIONS
+
+    _, _, parent_id, _ = pipeline
+    client = mlflow.MlflowClient()
+    version = client.get_model_version("wf-model", "1")
+    card = Path(mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path="model_card.md")).read_text()
+    assert re.findall(r"^## (.+)$", card, re.MULTILINE) == list(SECTIONS)
+    summary = card.split("\n\n")[1]  # the paragraph under the title
+    assert version.description.startswith(summary) and summary.startswith("ViT-Mu/8 (")
+    steps = {step: runs[0].info.run_id for step, runs in child_runs(client, parent_id).items()}
+    finetune = client.get_run(steps["finetune"])
+    assert version.run_id == steps["finetune"] and f"- pipeline run: `{parent_id}`" in card
+    assert f"`{steps['pretrain']}`" in card and f"`{steps['evaluate']}`" in card
+    assert f"`{finetune.data.tags['vit.dataset_fingerprint']}`" in card  # the shards it was fine-tuned on
+    top1 = finetune.data.metrics["eval/top1"]
+    assert re.search(rf"\| eval/top1 \| {top1:.2%} \| \[[\d.]+%, [\d.]+%\] \|", card), card
+    assert re.search(r"^\| 5 \| [\d.]+% \|", card, re.MULTILINE)  # evaluate.shots=[1,5]
+    assert "| finetune | 6 steps | 128 | sgd |" in card and "only 360 images" in card
+
+    shown = subprocess.run([VIT, "registry", "show", "wf-model", "1"], capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    assert shown.stdout.startswith("wf-model version 1  (challenger, champion)") and card.strip() in shown.stdout
+
+
 def test_the_registered_champion_predicts_in_a_fresh_process(pipeline):
     workdir, _, _, _ = pipeline
     images = sorted((workdir / "corpus" / "digits" / "test").glob("*/*.png"))[:40:8]
@@ -141,6 +168,7 @@ def test_a_rerun_skips_finished_steps_and_from_and_only_rerun_on_purpose(pipelin
     assert gain == pytest.approx(top1["2"] - top1["1"], abs=1e-9)  # the champion re-scored as it was scored
     assert lower <= gain and (champion == "2") == (lower > 0.0)
     assert "paired bootstrap" in tags["promotion.reason"] and "Promotion: " in versions["2"].description
+    assert versions["2"].description.startswith("ViT-Mu/8 (")  # the card's summary first, the decision after
     shown = subprocess.run([VIT, "registry", "show", "wf-model"], capture_output=True, text=True, timeout=120)
     assert shown.returncode == 0 and f"version 2: {tags['promotion.decision']}: " in shown.stdout, shown.stdout
 
