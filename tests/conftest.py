@@ -214,12 +214,19 @@ class RayNodes:
         self._wait(lambda: isinstance(self.api("/api/jobs/"), list), timeout, "the head's Jobs API")
         return self.dashboard_url
 
-    def add_worker(self, num_cpus: int, *, timeout: float = 120):
-        """A worker node joining the head; returns its process once the cluster counts it alive."""
+    def add_worker(self, num_cpus: int, *, timeout: float = 120, attempts: int = 2):
+        """A worker node joining the head; returns its process once the cluster counts it alive. On a busy machine
+        a raylet can miss its start-up deadline ("The current node timed out during startup"): one more try."""
         alive = self.alive_nodes()
-        node = self._start(["--address", f"127.0.0.1:{self.gcs_port}"], num_cpus)
-        self._wait(lambda: self.alive_nodes() > alive, timeout, "the new worker node")
-        return node
+        for attempt in range(attempts):
+            node = self._start(["--address", f"127.0.0.1:{self.gcs_port}"], num_cpus)
+            try:
+                self._wait(lambda: self.alive_nodes() > alive, timeout, "the new worker node")
+                return node
+            except RuntimeError:
+                if node.poll() is None or attempt == attempts - 1:
+                    raise
+                self.nodes.remove(node)  # it exited: start another
 
     def alive_nodes(self) -> int:
         nodes = self.api("/api/v0/nodes?limit=100")["data"]["result"]["result"]

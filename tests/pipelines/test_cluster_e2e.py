@@ -41,11 +41,11 @@ TOY = [
     "pretrain.log_every=50",
     "pretrain.data.loader_workers=0",
     "pretrain.scale.placement_strategy=STRICT_SPREAD",  # one training worker on each worker node
-    "finetune.steps=120",
+    "finetune.steps=200",
     "finetune.batch_size=32",
     "finetune.optim.warmup_steps=2",
-    "finetune.checkpoint_every=30",
-    "finetune.log_every=30",
+    "finetune.checkpoint_every=50",
+    "finetune.log_every=50",
     "finetune.data.loader_workers=0",
     "finetune.scale.placement_strategy=STRICT_SPREAD",
     "evaluate.shots=[1,5]",
@@ -188,7 +188,7 @@ def test_the_pipeline_runs_across_the_nodes_through_faults_and_its_champion_pred
     cluster.mlflow = cluster.mlflow.restarted()  # the training goes on meanwhile
 
     # 4. The job's driver is killed during fine-tuning; the job fails. The same `vit submit` again finishes it.
-    _wait_for("first fine-tuning checkpoint", lambda: committed("finetune", 30))
+    _wait_for("first fine-tuning checkpoint", lambda: committed("finetune", 50))
     os.kill(int(nodes.api(f"/api/jobs/{job_id}")["driver_info"]["pid"]), 9)
     _wait_for("the first job to end", lambda: nodes.api(f"/api/jobs/{job_id}")["status"] == "FAILED", timeout=60)
     first_logs = job_logs()
@@ -207,7 +207,7 @@ def test_the_pipeline_runs_across_the_nodes_through_faults_and_its_champion_pred
     for step in ("corpus", "shard", "pretrain"):
         assert re.search(rf"\] {step}: done earlier with these settings", output), output[-5000:]
     assert re.search(r"\] finetune: resuming the attempt that stopped", output)
-    assert re.search(r"resuming at step (30|60|90): 120 steps", output), output[-5000:]
+    assert re.search(r"resuming at step (50|100|150): 200 steps", output), output[-5000:]
 
     # Sharding and training ran on the worker nodes, on more than one (the head has no CPUs to give).
     query = "limit=10000&detail=1&filter_keys=job_id&filter_predicates=%3D&filter_values="
@@ -232,7 +232,7 @@ def test_the_pipeline_runs_across_the_nodes_through_faults_and_its_champion_pred
         assert verified.returncode == 0, verified.stdout + verified.stderr
     # Every training step in MLflow exactly once, across the node kill, the server restart and the driver kill.
     experiment = client.get_experiment_by_name(name).experiment_id
-    for step, total in (("pretrain", 300), ("finetune", 120)):
+    for step, total in (("pretrain", 300), ("finetune", 200)):
         runs = client.search_runs([experiment], filter_string=f"tags.`vit.step` = '{step}'")
         assert len(runs) == 1 and runs[0].info.status == "FINISHED", [r.info for r in runs]
         for key in ("train/loss", "train/lr", "train/grad_norm"):
