@@ -464,6 +464,7 @@ def model_card(name: str, version: str | int) -> str | None:
         if _not_found(err):  # the run was deleted: its version outlives it
             return None
         raise
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar for one small file is noise
     with tempfile.TemporaryDirectory(prefix="vit-card-") as tmp:
         path = mlflow.artifacts.download_artifacts(run_id=found.run_id, artifact_path=CARD_FILE, dst_path=tmp)
         return Path(path).read_text()
@@ -478,7 +479,7 @@ def describe_model(name: str) -> dict[str, Any]:
     for v in client.search_model_versions(f"name={_quoted(name, 'model name')}"):
         versions.append(
             {
-                "version": v.version,
+                "version": str(v.version),  # a string from a server, an int from a local sqlite store
                 "aliases": sorted(aliases.get(str(v.version), [])),
                 "metrics": {
                     k.removeprefix(METRIC_TAG_PREFIX): float(x)

@@ -420,6 +420,18 @@ def test_cli_shows_a_version_and_says_when_it_has_no_model_card(tracking, champi
     assert missing.exit_code == 2 and "has no version 9" in missing.stderr, missing.output
 
 
+def test_a_local_store_shows_a_version_by_its_number(tmp_path, monkeypatch):
+    """A sqlite store gives version numbers as ints, a server as strings: `show NAME 1` finds it either way."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = mlflow.MlflowClient(uri)
+    client.create_registered_model("local-model")
+    client.create_model_version("local-model", source=(tmp_path / "weights").as_uri())
+    shown = CliRunner().invoke(registry_cli.registry, ["show", "local-model", "1", "--tracking-uri", uri])
+    assert shown.exit_code == 0, shown.output
+    assert shown.stdout.startswith("local-model version 1  (no alias)") and "no model card" in shown.stdout
+
+
 def test_cli_user_errors_exit_2_without_a_traceback(tracking, champion, image_files):
     runner = CliRunner()
     cases = {
