@@ -74,9 +74,14 @@ class ProgressChannel:
 
     @classmethod
     def open(cls) -> ProgressChannel:
+        import ray
         from ray.util.queue import Queue
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        return cls(Queue(actor_options={"num_cpus": 0}))  # no CPU: it must never wait for the workers' CPUs
+        # No CPU: it must never wait for the workers' CPUs. On the driver's node: a queue placed on a worker node
+        # dies with that node, and rank 0's lines after a restart would go nowhere.
+        here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+        return cls(Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here}))
 
     def follow(self, total_steps: int, batch_size: int, log: Callable[[str], None], *, desc: str) -> None:
         args = (total_steps, batch_size, log, desc)
