@@ -8,6 +8,9 @@
   embedding with every other's, laid out on the grid.
 * :func:`patch_embed_components` -- Fig. 7 left: the principal components of the patch-embedding
   filters, each a (C, P, P) patch, with the share of the filters' variance it explains.
+* :func:`position_structure` and :func:`fig7_statistics` -- the findings of Fig. 7 as numbers: similarity
+  falling with 2-D distance (a Spearman correlation), rows and columns more alike than other patches as far
+  apart, and the attention distance of every block's heads.
 """
 
 from __future__ import annotations
@@ -88,6 +91,84 @@ def patch_embed_components(model: VisionTransformer, k: int = 28) -> tuple[torch
     peak = components.gather(1, components.abs().argmax(dim=1, keepdim=True))
     components = components * torch.where(peak < 0, -1.0, 1.0)
     return components.reshape(k, *weight.shape[1:]), ratio[:k]
+
+
+@torch.no_grad()
+def position_structure(similarity: torch.Tensor) -> dict[str, float]:
+    """What Fig. 7 centre shows, as numbers, from a (h, w, h, w) similarity (:func:`pos_embed_similarity`).
+
+    ``spearman``: the rank correlation, over all pairs of distinct patches, between their similarity and their
+    2-D distance on the grid; the paper's finding (closer patches have more similar embeddings) makes it
+    negative, -1 at most. ``row_column_excess``: how much more similar two patches of the same row or column
+    are than pairs off the axes as far apart (Euclidean distance rounded to the same whole number of patches),
+    averaged over the axis pairs that have such a match; positive is the paper's row-column structure, 0 none.
+    NaN where the grid is too small to tell (one patch; no matched distance).
+    """
+    h, w = similarity.shape[:2]
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    ys, xs = ys.flatten(), xs.flatten()
+    first, second = torch.triu_indices(h * w, h * w, offset=1)
+    dy, dx = (ys[first] - ys[second]).abs(), (xs[first] - xs[second]).abs()
+    squared = (dy.square() + dx.square()).double()  # whole numbers: equal distances tie exactly
+    values = similarity.reshape(h * w, h * w)[first, second].double()
+    nan = float("nan")
+    spearman = _pearson(_ranks(values), _ranks(squared)) if len(values) > 1 else nan
+    rounded = squared.sqrt().round()
+    on_axis = (dy == 0) | (dx == 0)
+    excesses = []
+    for d in rounded[on_axis].unique():
+        off = ~on_axis & (rounded == d)
+        if off.any():
+            excesses.append(values[on_axis & (rounded == d)].mean() - values[off].mean())
+    return {"spearman": spearman, "row_column_excess": torch.stack(excesses).mean().item() if excesses else nan}
+
+
+def _ranks(x: torch.Tensor) -> torch.Tensor:
+    """Ranks from 0, ties given their average rank (as Spearman's correlation needs)."""
+    ranks = torch.empty_like(x)
+    ranks[x.argsort()] = torch.arange(len(x), dtype=x.dtype)
+    _, group, count = torch.unique(x, return_inverse=True, return_counts=True)
+    return torch.zeros(len(count), dtype=x.dtype).index_add_(0, group, ranks)[group] / count[group]
+
+
+def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a - a.mean(), b - b.mean()
+    denominator = (a.square().sum() * b.square().sum()).sqrt()
+    return (a @ b / denominator).item() if denominator > 0 else float("nan")
+
+
+@torch.no_grad()
+def fig7_statistics(model: VisionTransformer, images: torch.Tensor) -> dict:
+    """The numbers behind Fig. 7 centre and right for ``model`` on ``images`` (normalised or not: they are
+    normalised here the way the model was trained, from uint8 pixels).
+
+    ``position_spearman`` / ``row_column_excess`` (:func:`position_structure`); ``attention_distance_by_block``
+    (pixels, the mean over heads of :func:`mean_attention_distance`, lowest block first) with each block's
+    ``attention_distance_range_by_block`` (the nearest- and farthest-looking heads), and
+    ``distance_depth_spearman``: the rank correlation of a head's distance with its block's depth (positive: the
+    paper's finding that attention distance grows with depth).
+    """
+    from vit.data import normalize
+
+    pixels = normalize(images) if images.dtype == torch.uint8 else images
+    structure = position_structure(pos_embed_similarity(model))
+    return {
+        "position_spearman": structure["spearman"],
+        "row_column_excess": structure["row_column_excess"],
+        **distance_by_depth(mean_attention_distance(model, pixels)),
+    }
+
+
+def distance_by_depth(distance: torch.Tensor) -> dict:
+    """What Fig. 7 right shows, from (L, H) head distances (:func:`mean_attention_distance`): each block's mean
+    over heads and (nearest, farthest) head, lowest block first, and ``distance_depth_spearman``."""
+    distance = distance.double()
+    depth = torch.arange(distance.shape[0], dtype=torch.float64)[:, None].expand_as(distance)
+    return {
+        "attention_distance_by_block": distance.mean(dim=1).tolist(),
+        "attention_distance_range_by_block": [(row.min().item(), row.max().item()) for row in distance],
+        "distance_depth_spearman": _pearson(_ranks(distance.flatten()), _ranks(depth.flatten())),
+    }
 
 
 def _grid_of(model: VisionTransformer, images: torch.Tensor) -> tuple[int, int]:

@@ -181,8 +181,8 @@ class ImageTransform:
 
     Recipes (those of the paper, after big_vision's preprocessing ops):
 
-    - ``pretrain``: Inception crop (area 5-100%, aspect 3/4-4/3, see ``inception_crop_box``) resized to
-      ``size`` squared (bilinear), then a horizontal flip with probability 1/2.
+    - ``pretrain``: Inception crop (area ``crop_area_min``-100%, 5% by default, aspect 3/4-4/3, see
+      ``inception_crop_box``) resized to ``size`` squared (bilinear), then a horizontal flip with probability 1/2.
     - ``finetune``: resize to ``resize_size`` squared, ignoring the aspect ratio (big_vision's ``resize``),
       a random ``size`` squared crop, then a horizontal flip with probability 1/2.
     - ``eval``: resize to ``resize_size`` squared and take the central ``size`` squared crop;
@@ -191,6 +191,8 @@ class ImageTransform:
     ``resize_size`` defaults to ``round(size * 8 / 7)`` (224 -> 256, 384 -> 439) for finetune/eval; the
     pretrain recipe does not use it. ``draft=False`` always decodes at full resolution (slower, exact).
     ``flip=False`` keeps the orientation, for data where a mirror image means something else (digits, text).
+    ``crop_area_min`` is big_vision's ``inception_crop(area_min)``: a small image whose object fills it (a glyph,
+    a digit) loses what makes it itself in a 5% crop.
     """
 
     recipe: Recipe
@@ -198,10 +200,13 @@ class ImageTransform:
     resize_size: int | None = None
     draft: bool = True
     flip: bool = True
+    crop_area_min: float = 0.05
 
     def __post_init__(self) -> None:
         if self.recipe not in get_args(Recipe):
             raise ValueError(f"unknown recipe {self.recipe!r}; expected one of {get_args(Recipe)}")
+        if not 0.0 < self.crop_area_min <= 1.0:
+            raise ValueError(f"crop_area_min must be in (0, 1], got {self.crop_area_min}")
         if self.size < 1:
             raise ValueError(f"size must be positive, got {self.size}")
         if self.recipe != "pretrain":
@@ -231,7 +236,7 @@ class ImageTransform:
     def _plan(self, width: int, height: int, rng: np.random.Generator | None) -> tuple[Box, bool]:
         """The crop box in original pixels and whether to flip; all random draws happen here, in a fixed order."""
         if self.recipe == "pretrain":
-            box = inception_crop_box(width, height, rng)
+            box = inception_crop_box(width, height, rng, area_range=(self.crop_area_min, 1.0))
             return box, bool(rng.random() < 0.5) and self.flip
         margin = self.resize_size - self.size
         if self.recipe == "finetune":
@@ -242,9 +247,11 @@ class ImageTransform:
         return box, False
 
 
-def build_transform(recipe: Recipe, size: int, resize_size: int | None = None, *, flip: bool = True) -> ImageTransform:
+def build_transform(
+    recipe: Recipe, size: int, resize_size: int | None = None, *, flip: bool = True, crop_area_min: float = 0.05
+) -> ImageTransform:
     """The transform for one recipe; see ``ImageTransform``."""
-    return ImageTransform(recipe, size, resize_size, flip=flip)
+    return ImageTransform(recipe, size, resize_size, flip=flip, crop_area_min=crop_area_min)
 
 
 def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:

@@ -27,6 +27,20 @@ def corpus() -> None:
 @click.option("--image-size", type=int, default=64, show_default=True, help="Side of the square images in pixels.")
 @click.option("--label-noise", type=float, default=0.1, show_default=True, help="Share of images with a wrong label.")
 @click.option("--layout", type=click.Choice(["table", "folder"]), default="table", show_default=True)
+@click.option(
+    "--style",
+    type=click.Choice(["shapes", "glyphs"]),
+    default="shapes",
+    show_default=True,
+    help="Drawn shapes on textured backgrounds (JPEG), or handwritten stroke glyphs, one an image (PNG).",
+)
+@click.option(
+    "--scan-size",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Glyphs: scanned at this many pixels with 17 ink levels, shown with square pixels (8: the digits' look).",
+)
 @click.option("--workers", type=int, default=1, show_default=True, help="Processes rendering images.")
 @click.option("--overwrite", is_flag=True, help="Replace a corpus already at DST.")
 def synth(
@@ -38,10 +52,12 @@ def synth(
     image_size: int,
     label_noise: float,
     layout: str,
+    style: str,
+    scan_size: int,
     workers: int,
     overwrite: bool,
 ) -> None:
-    """Write a synthetic JFT-style corpus of JPEGs with noisy multi-labels to DST (a path or fsspec URL)."""
+    """Write a synthetic JFT-style corpus with noisy multi-labels to DST (a path or fsspec URL)."""
     from pipelines.data.corpus import synth_corpus
 
     try:
@@ -54,6 +70,8 @@ def synth(
             image_size=image_size,
             label_noise=label_noise,
             layout=layout,
+            style=style,  # type: ignore[arg-type]
+            scan_size=scan_size,
             workers=workers,
             overwrite=overwrite,
         )

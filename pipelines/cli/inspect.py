@@ -20,22 +20,37 @@ from pipelines.cli.registry import _connect, _expand, tracking_uri_option
     type=click.IntRange(min=1),
     help="Principal components of the patch-embedding filters to show.",
 )
+@click.option(
+    "--num-images",
+    default=4,  # pipelines.evaluation.inspect.DEFAULT_NUM_IMAGES, not imported here: it imports torch
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Without IMAGES: how many of the model's held-out evaluation images to look at.",
+)
 @tracking_uri_option
 def inspect_command(
-    model: str, images: tuple[str, ...], out_dir: str, components: int, tracking_uri: str | None
+    model: str, images: tuple[str, ...], out_dir: str, components: int, num_images: int, tracking_uri: str | None
 ) -> None:
     """Draw what MODEL learned: filters, position embeddings, attention distance and rollout, into --out.
 
     MODEL is a weights file (ours, or released .npz, timm or Hugging Face weights), a checkpoint folder, a run
     folder (its latest committed checkpoint) or a registered model, models:/NAME@alias or models:/NAME/VERSION.
-    IMAGES (files or folders of them) are what the attention analyses look at; without them, scikit-learn's two
-    sample photographs stand in, and the report says so. Writes filters.png, position_embeddings.png,
-    attention_distance.png, attention_rollout.png, inspection.json and inspection.html.
+    IMAGES (files or folders of them) are what the attention analyses look at; without them, --num-images of the
+    model's own held-out evaluation images (the split of the shards a checkpoint or registered model of this
+    platform was evaluated on), else, for a model that records none, scikit-learn's two sample photographs; the
+    report says which and why. Writes filters.png, position_embeddings.png, attention_distance.png,
+    attention_rollout.png, inspection.json and inspection.html.
     """
     import torch
 
     import vit
-    from pipelines.evaluation.inspect import MODEL_URI_SCHEMES, inspect_model, load_images, load_inspected_model
+    from pipelines.evaluation.inspect import (
+        MODEL_URI_SCHEMES,
+        default_images,
+        inspect_model,
+        load_images,
+        load_inspected_model,
+    )
 
     files = _expand(images)
     if images and not files:
@@ -53,10 +68,15 @@ def inspect_command(
             network, source = load_inspected_model(model)
         except vit.UnknownVariantError as err:
             fail(f"{err}\nname the variant first: vit convert {model} CHECKPOINT.safetensors --model SIZE/PATCH")
-    with failing_on(ValueError, OSError):
-        pixels, names, note = load_images(files, network.config.img_size)
+    size = network.config.img_size
+    if files:
+        with failing_on(ValueError, OSError):
+            chosen = load_images(files, size)
+    else:
+        with failing_on(*errors, describe=_message):
+            chosen = default_images(source, size, num_images)
     with torch.inference_mode():
-        report = inspect_model(network, pixels, names, out_dir, source=source, images_note=note, components=components)
+        report = inspect_model(network, chosen, out_dir, source=source, components=components)
     for line in report["notes"]:
         click.echo(f"note: {line}")
     written = [*report["figures"].values(), "inspection.json", "inspection.html"]

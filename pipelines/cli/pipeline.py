@@ -66,6 +66,14 @@ def run_command(
     fewshot = "  ".join(f"{k.split('/')[1]} {v:.1%}" for k, v in metrics.items() if k.startswith("fewshot/"))
     if fewshot:
         click.echo(f"few-shot linear    {fewshot}  (frozen features)")
+    # What the pretraining transferred (the evaluate step): its frozen features against the same ViT never trained.
+    for prefix, label, what in (
+        ("pretrained/", "  pretrained", "the pretrained model, before fine-tuning"),
+        ("random_init/", "  random init", "the same ViT, never trained"),
+    ):
+        shots = "  ".join(f"{k.rsplit('/', 1)[1]} {v:.1%}" for k, v in metrics.items() if k.startswith(prefix))
+        if shots:
+            click.echo(f"{label:<19}{shots}  ({what})")
     spent = ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items())
     cached = f"; cached: {', '.join(result.cached)}" if result.cached else ""
     click.echo(f"time               {time.perf_counter() - started:.0f} s  ({spent or 'nothing to do'}{cached})")

@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipelines.common.storage import filesystem, join, write_json
+from pipelines.data.glyphs import glyph_taxonomy, render_glyph
 from pipelines.data.synth import (  # noqa: F401  (the vocabulary, re-exported: the corpus's public names)
     BACKGROUNDS,
     HUES,
@@ -55,6 +56,7 @@ CHUNK_SIZE = 250  # images per worker task: small enough to balance 2 workers on
 JPEG_QUALITY = 90
 
 Layout = Literal["table", "folder"]
+Style = Literal["shapes", "glyphs"]  # drawn shapes on textured backgrounds, or handwritten stroke glyphs
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,9 @@ class _SynthSpec:
     label_noise: float
     layout: Layout
     key_digits: int
+    style: Style
+    scan_size: int
+    superclass_labels: bool
 
 
 def _image_key(index: int, digits: int) -> str:
@@ -102,10 +107,10 @@ def _image_key(index: int, digits: int) -> str:
 
 
 def _image_path(spec: _SynthSpec, index: int, primary: int) -> str:
-    key = _image_key(index, spec.key_digits)
+    name = f"{_image_key(index, spec.key_digits)}.{'png' if spec.style == 'glyphs' else 'jpg'}"
     if spec.layout == "table":
-        return f"images/{index // IMAGES_PER_DIR:05d}/{key}.jpg"
-    return f"{_folder_name(spec.taxonomy.classes[primary].name)}/{key}.jpg"
+        return f"images/{index // IMAGES_PER_DIR:05d}/{name}"
+    return f"{_folder_name(spec.taxonomy.classes[primary].name)}/{name}"
 
 
 def _folder_name(class_name: str) -> str:
@@ -125,9 +130,14 @@ def _write_chunk(spec: _SynthSpec, start: int, stop: int) -> dict[str, list]:
         # Superclass labels follow the final leaf labels, as a label pipeline adding ancestors would: a wrong leaf
         # label brings its (possibly wrong) superclass with it.
         ancestors = sorted({num_classes + spec.taxonomy.classes[c].superclass for c in leaf_labels})
-        label_ids = leaf_labels + ancestors
+        label_ids = leaf_labels + (ancestors if spec.superclass_labels else [])
         buffer = io.BytesIO()
-        render_image(rng, shown, spec.taxonomy, spec.image_size).save(buffer, format="JPEG", quality=JPEG_QUALITY)
+        if spec.style == "glyphs":
+            # PNG: a scan's square pixels and flat ink levels would ring under JPEG (and compress well losslessly)
+            glyph = spec.taxonomy.classes[shown[0]]
+            render_glyph(rng, glyph, spec.image_size, spec.scan_size).save(buffer, format="PNG")  # type: ignore[arg-type]
+        else:
+            render_image(rng, shown, spec.taxonomy, spec.image_size).save(buffer, format="JPEG", quality=JPEG_QUALITY)
         path = _image_path(spec, index, shown[0])
         encoded[f"{root}/{path}"] = buffer.getvalue()
         rows["path"].append(path)
@@ -186,29 +196,44 @@ def synth_corpus(
     classes: int,
     seed: int = 0,
     image_size: int = 64,
-    labels_per_image: tuple[int, int] = (1, 3),
+    labels_per_image: tuple[int, int] | None = None,
     label_noise: float = 0.1,
     superclasses: int | None = None,
     layout: Layout = "table",
+    style: Style = "shapes",
+    scan_size: int = 0,
+    superclass_labels: bool = True,
     workers: int = 1,
     storage_options: dict | None = None,
     overwrite: bool = False,
 ) -> CorpusSummary:
-    """Write a synthetic JFT-style corpus of JPEG files to ``dst``; the same arguments give the same bytes.
+    """Write a synthetic JFT-style corpus of image files to ``dst``; the same arguments give the same bytes.
 
-    Each image shows its primary class's shape large and ``labels_per_image`` minus one other classes' shapes small.
-    Its labels name the classes shown plus their superclasses; with probability ``label_noise`` one leaf label is
-    replaced by a class that is not shown. ``primary_class`` keeps the clean class of the large shape.
+    ``style="shapes"`` (JPEGs): each image shows its primary class's shape large and ``labels_per_image`` (default
+    1 to 3) minus one other classes' shapes small. ``style="glyphs"`` (PNGs, ``pipelines.data.glyphs``): each image
+    is one handwritten glyph (``labels_per_image`` can only be (1, 1)), scanned at ``scan_size`` pixels when that
+    is positive. Labels name the classes shown plus their superclasses; with probability ``label_noise`` one leaf
+    label is replaced by a class that is not shown. ``primary_class`` keeps the clean class of the main object.
+    ``superclass_labels=False`` leaves the superclasses out of the labels (they stay in ``classes.json``): with
+    one glyph an image, every image then has one label, and the shards are single-label (softmax training).
 
     ``workers`` > 1 renders in worker processes (not for ``memory://``, which only this process sees); as with any
     process pool, a calling script needs the ``if __name__ == "__main__":`` guard.
     """
     if images < 1:
         raise ValueError(f"images must be at least 1, got {images}")
-    taxonomy = synth_taxonomy(classes, superclasses)
+    if style not in ("shapes", "glyphs"):
+        raise ValueError(f"style must be 'shapes' or 'glyphs', got {style!r}")
+    taxonomy = synth_taxonomy(classes, superclasses) if style == "shapes" else glyph_taxonomy(classes, superclasses)
+    if labels_per_image is None:
+        labels_per_image = (1, 3) if style == "shapes" else (1, 1)
     lo, hi = labels_per_image
     if not 1 <= lo <= hi <= classes:
         raise ValueError(f"labels_per_image must be (lo, hi) with 1 <= lo <= hi <= classes, got {labels_per_image}")
+    if style == "glyphs" and hi > 1:
+        raise ValueError(f"labels_per_image must be (1, 1) for glyphs (one glyph an image), got {labels_per_image}")
+    if not 0 <= scan_size <= image_size:
+        raise ValueError(f"scan_size must be between 0 (no scan) and image_size ({image_size}), got {scan_size}")
     if not 0.0 <= label_noise <= 1.0:
         raise ValueError(f"label_noise must be in [0, 1], got {label_noise}")
     if image_size < 16:
@@ -233,6 +258,9 @@ def synth_corpus(
         label_noise=label_noise,
         layout=layout,
         key_digits=max(8, len(str(images - 1))),
+        style=style,
+        scan_size=scan_size,
+        superclass_labels=superclass_labels,
     )
     _made_folders.clear()  # an earlier run's folders may have been deleted since
     if _is_process_local(fs):

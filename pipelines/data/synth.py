@@ -11,10 +11,13 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+if TYPE_CHECKING:
+    from pipelines.data.glyphs import GlyphClass
 
 # The visual vocabulary. A superclass is a (shape, background) pair, so every class in it shares both traits;
 # a class inside it is a (hue, texture) pair. No shape is a rotation of another (hence no diamond beside the square).
@@ -41,7 +44,7 @@ class SynthClass:
 
 @dataclass(frozen=True)
 class Taxonomy:
-    classes: tuple[SynthClass, ...]
+    classes: tuple[SynthClass, ...] | tuple[GlyphClass, ...]
     superclasses: tuple[str, ...]
 
     def vocabulary(self) -> list[dict[str, Any]]:

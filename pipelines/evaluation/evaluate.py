@@ -62,6 +62,11 @@ class EvaluateConfig(EvaluationSettings):
 
     model: str = ""  # weights: a run, a checkpoint folder or a file (ours, or a released .npz/timm/HF)
     shards: str = ""  # the downstream set, as `vit shard` output
+    # The pretrained weights the model was fine-tuned from (any form `model` takes): their frozen features are
+    # few-shot evaluated too (`pretrained/fewshot/*`), and so is the same architecture left at its random
+    # initialisation (`random_init/fewshot/*`): what the pretraining added, the paper's transfer measure.
+    pretrained: str = ""
+    random_init_seed: int = 0
     storage_options: dict = field(default_factory=dict)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
@@ -220,7 +225,7 @@ def evaluate_model(
     results: dict[str, float] = {}
 
     if model.config.num_classes == test.num_classes:
-        scored = _score(model, _batches(test, cfg, image_size), test.num_classes)
+        scored = _score(model, _batches(test, cfg, image_size, cfg.resize_size), test.num_classes)
         if details is not None:
             details.update(scored)
             if not scored["confusion"].numel():
@@ -232,17 +237,48 @@ def evaluate_model(
         log(f"the head has {model.config.num_classes} classes, {cfg.shards} has {test.num_classes}: few-shot only")
 
     if cfg.fewshot_split and cfg.shots:
-        pool = open_shards(cfg.shards, cfg.fewshot_split, cfg.storage_options)
-        per_class = max(cfg.shots) + cfg.fewshot_val_per_class
-        train_x, train_y = _features(model, _batches(pool, cfg, image_size), per_class, pool.num_classes)
-        test_x, test_y = _features(model, _batches(test, cfg, image_size))
-        fewshot = fewshot_accuracy(
-            train_x, train_y, test_x, test_y, pool.num_classes, cfg.shots, val_per_class=cfg.fewshot_val_per_class
-        )
+        fewshot = _fewshot(model, cfg, test, cfg.resize_size)
         results.update(fewshot)
-        log("few-shot " + "  ".join(f"{k.split('/')[1]} {v:.2%}" for k, v in fewshot.items()))
+        log("few-shot " + _shots_line(fewshot))
+        if cfg.pretrained:
+            pretrained = _load(cfg.pretrained, cfg)
+            untrained = _reinitialised(pretrained, cfg.random_init_seed)
+            # At its own resolution; with the fine-tuning's resize only where that is the same (else the default).
+            resize = cfg.resize_size if pretrained.config.img_size == image_size else None
+            for prefix, network in (("pretrained", pretrained), ("random_init", untrained)):
+                results.update({f"{prefix}/{k}": v for k, v in _fewshot(network, cfg, test, resize).items()})
+            log(
+                f"few-shot of the pretrained model's frozen features {_shots_line(results, 'pretrained/')}; "
+                f"at random init {_shots_line(results, 'random_init/')}"
+            )
     results["eval/seconds"] = time.perf_counter() - started
     return results
+
+
+def _fewshot(
+    model: vit.VisionTransformer, cfg: EvaluateConfig, test: ShardSet, resize_size: int | None
+) -> dict[str, float]:
+    """``{"fewshot/1shot": ...}``: k-shot linear accuracy of ``model``'s frozen features, at its own resolution."""
+    pool = open_shards(cfg.shards, cfg.fewshot_split, cfg.storage_options)
+    image_size = model.config.img_size
+    per_class = max(cfg.shots) + cfg.fewshot_val_per_class
+    train_x, train_y = _features(model, _batches(pool, cfg, image_size, resize_size), per_class, pool.num_classes)
+    test_x, test_y = _features(model, _batches(test, cfg, image_size, resize_size))
+    return fewshot_accuracy(
+        train_x, train_y, test_x, test_y, pool.num_classes, cfg.shots, val_per_class=cfg.fewshot_val_per_class
+    )
+
+
+def _shots_line(metrics: dict[str, float], prefix: str = "") -> str:
+    return "  ".join(f"{k.rsplit('/', 1)[1]} {v:.2%}" for k, v in metrics.items() if k.startswith(prefix + "fewshot/"))
+
+
+def _reinitialised(model: vit.VisionTransformer, seed: int) -> vit.VisionTransformer:
+    """The same architecture, as initialised with ``seed`` and never trained; the global RNG is left alone."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        fresh = vit.VisionTransformer(model.config, device=next(model.parameters()).device)
+    return fresh.eval()
 
 
 @torch.no_grad()
@@ -281,21 +317,26 @@ def top1_correct(cfg: EvaluateConfig) -> tuple[np.ndarray, np.ndarray]:
     model, test = _model_and_test_set(cfg)
     if model.config.num_classes != test.num_classes:
         raise ValueError(f"{cfg.model}: its head has {model.config.num_classes} classes, the set {test.num_classes}")
-    scored = _score(model, _batches(test, cfg, model.config.img_size), test.num_classes)
+    scored = _score(model, _batches(test, cfg, model.config.img_size, cfg.resize_size), test.num_classes)
     return scored["top1_correct"], scored["labels"]
 
 
 def _model_and_test_set(cfg: EvaluateConfig) -> tuple[vit.VisionTransformer, ShardSet]:
     """The model to score (in eval mode, at ``cfg.image_size`` if set) and the split it is scored on."""
-    path = local_weights(resolve_weights(cfg.model, cfg.storage_options), cfg.storage_options)
-    model = vit.load_model(path, device=_device(), **({"img_size": cfg.image_size} if cfg.image_size else {}))
-    return model.eval(), open_shards(cfg.shards, cfg.split, cfg.storage_options)
+    return _load(cfg.model, cfg, cfg.image_size), open_shards(cfg.shards, cfg.split, cfg.storage_options)
 
 
-def _batches(shards: ShardSet, cfg: EvaluateConfig, image_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _load(location: str, cfg: EvaluateConfig, image_size: int | None = None) -> vit.VisionTransformer:
+    path = local_weights(resolve_weights(location, cfg.storage_options), cfg.storage_options)
+    return vit.load_model(path, device=_device(), **({"img_size": image_size} if image_size else {})).eval()
+
+
+def _batches(
+    shards: ShardSet, cfg: EvaluateConfig, image_size: int, resize_size: int | None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     spec = StreamSpec(
         shards=shards,
-        transform=build_transform("eval", image_size, cfg.resize_size),
+        transform=build_transform("eval", image_size, resize_size),
         batch_size=cfg.batch_size,
         shuffle_block=1,
         repeat=False,

@@ -2,8 +2,14 @@
 embeddings and mean attention distance, written as PNGs, one JSON of the numbers and one self-contained HTML page.
 
     model, source = load_inspected_model("runs/demo/checkpoint-000100")   # or a file, a run, models:/NAME@alias
-    pixels, names, note = load_images([], model.config.img_size)        # no files: scikit-learn's sample images
-    report = inspect_model(model, pixels, names, "inspection/", source=source, images_note=note)
+    images = default_images(source, model.config.img_size)               # or load_images(["cat.jpg"], ...)
+    report = inspect_model(model, images, "inspection/", source=source)
+
+Without images of its own, a model is looked at on a few of its own held-out evaluation images: the split of the
+fine-tuning shards it was evaluated on, which a checkpoint of this platform's training (its ``trainer_state.json``)
+and a registered model (its run's tags and params) record (``find_evaluation_set``). Only a model that records none
+(a released .npz, timm or Hugging Face file, a bare weights file) falls back to scikit-learn's sample photographs;
+the report says which images it shows and why.
 
 The numbers come from :mod:`vit.analysis`; this module loads, lays out and writes. Figures are drawn on
 ``matplotlib.figure.Figure`` objects, which render through Agg without pyplot's global state or a display.
@@ -12,20 +18,31 @@ The numbers come from :mod:`vit.analysis`; this module loads, lays out and write
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import html
 import io
+import itertools
 import json
-from collections.abc import Sequence
+import posixpath
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 import vit
-from vit.analysis import attention_rollout, mean_attention_distance, patch_embed_components, pos_embed_similarity
+from vit.analysis import (
+    attention_rollout,
+    distance_by_depth,
+    mean_attention_distance,
+    patch_embed_components,
+    pos_embed_similarity,
+    position_structure,
+)
 from vit.data import build_transform, normalize
 from vit.variants import RESNETS, SIZES
 
@@ -37,9 +54,22 @@ FIGURES = {
     "attention_distance": "attention_distance.png",
     "attention_rollout": "attention_rollout.png",
 }
+DEFAULT_NUM_IMAGES = 4  # held-out images the attention analyses look at when none are given
+# The split a model was evaluated on when only its training config is known: evaluation's default (EvaluationSettings
+# .split, what the pipeline's evaluate step scores), then the one training evaluated on (data.eval_split), then val.
+HELD_OUT_SPLITS = ("test", "val")
+# Tags the pipeline's register step puts on a registered version's run: the shards and split it was evaluated on.
+EVAL_SHARDS_TAG = "vit.eval_shards"
+EVAL_SPLIT_TAG = "vit.eval_split"
+_SMALL_FORWARD = 10**8  # parameters x tokens below which one image's forward pass takes about a millisecond on a CPU
+_SCAN_SAMPLES = 1000  # samples read at most to find images of different classes: a shard's worth, not a split's
 SAMPLE_IMAGES_NOTE = (
     "no images were given: scikit-learn's bundled sample photographs (sklearn.datasets.load_sample_images: "
     "china.jpg, flower.jpg), resized and centre-cropped as for evaluation, stand in for held-out images"
+)
+NO_EVALUATION_SET = (
+    "the model records no evaluation set (only a checkpoint or run of this platform's training and a registered "
+    "model do)"
 )
 HYBRID_NOTE = (
     "hybrid model: its patch embedding sees the ResNet stem's feature map, not pixels, so it has no RGB filters "
@@ -73,22 +103,196 @@ def load_inspected_model(location: str, storage_options: dict | None = None) -> 
     return model.eval(), weights
 
 
-def load_images(paths: Sequence[str], size: int) -> tuple[torch.Tensor, list[str], str | None]:
-    """uint8 pixels (B, 3, size, size) as evaluation preprocesses them, their names, and a note when, no ``paths``
-    given, scikit-learn's sample photographs stand in (deterministic, and shipped with a dependency we have)."""
-    note = None
-    if not paths:
-        from sklearn.datasets import load_sample_images
+@dataclass(frozen=True)
+class EvaluationSet:
+    """Where a model's held-out evaluation images are: a split of a `vit shard` output, as it was evaluated."""
 
-        paths, note = list(load_sample_images().filenames), SAMPLE_IMAGES_NOTE
-    transform = build_transform("eval", size)
+    shards: str  # the `vit shard` output folder (a path or an fsspec URL)
+    split: str
+    recorded_in: str  # where the model records it, for the report
+    resize_size: int | None = None  # resized to this before the central crop, as evaluated; None: image_size * 8/7
+
+
+@dataclass(frozen=True)
+class InspectionImages:
+    """The images the attention analyses look at, and where they come from."""
+
+    pixels: torch.Tensor  # (B, 3, S, S) uint8, preprocessed as evaluation preprocesses them
+    names: list[str]
+    origin: Literal["given", "evaluation", "sample"]  # the caller's, the model's held-out set, scikit-learn's photos
+    note: str | None = None  # which images stand in for ones not given, and why: the report shows it
+    evaluation: EvaluationSet | None = None
+
+
+def load_images(paths: Sequence[str], size: int, resize_size: int | None = None) -> InspectionImages:
+    """Image files as uint8 pixels (B, 3, size, size), resized and centre-cropped as evaluation does."""
+    transform = build_transform("eval", size, resize_size)
     pixels = []
     for path in paths:
         try:
             pixels.append(transform(Path(path).read_bytes()))
         except (OSError, ValueError) as err:
             raise ValueError(f"{path}: {err}") from err
-    return torch.stack(pixels), [Path(p).name for p in paths], note
+    return InspectionImages(torch.stack(pixels), [Path(p).name for p in paths], "given")
+
+
+def sample_images(size: int, why: str) -> InspectionImages:
+    """scikit-learn's two sample photographs (deterministic, and shipped with a dependency we have), with a note
+    saying ``why`` they stand in for held-out images."""
+    from sklearn.datasets import load_sample_images
+
+    loaded = load_images(list(load_sample_images().filenames), size)
+    return dataclasses.replace(loaded, origin="sample", note=f"{SAMPLE_IMAGES_NOTE}: {why}")
+
+
+def evaluation_images(
+    evaluation: EvaluationSet, size: int, count: int = DEFAULT_NUM_IMAGES, storage_options: dict | None = None
+) -> InspectionImages:
+    """``count`` images of ``evaluation``'s split, in the shards' order, each of another class while the first
+    samples hold enough classes (a rollout of four different things says more than one of four alike). Only the
+    images kept are decoded; ``ValueError`` (or ``OSError``) when the split cannot be read or holds no image."""
+    from pipelines.data.shards.format import sample_image, sample_label_ids
+    from pipelines.data.stream import open_shards, read_classes
+
+    shards = open_shards(evaluation.shards, evaluation.split, storage_options)
+    classes = read_classes(evaluation.shards, storage_options)
+    transform = build_transform("eval", size, evaluation.resize_size)
+    picked: list[tuple[int, torch.Tensor, str]] = []  # (order read, pixels, name)
+    spare: list[tuple[int, torch.Tensor, str]] = []  # images of classes already picked, in case too few classes
+    seen: set[int | None] = set()
+    with contextlib.closing(_samples(shards.urls, storage_options)) as samples:
+        for read, sample in enumerate(itertools.islice(samples, _SCAN_SAMPLES)):
+            try:
+                label: int | None = sample_label_ids(sample)[0]
+            except (ValueError, KeyError, IndexError):  # unlabelled: still an image of the set
+                label = None
+            new_class = label not in seen
+            if not new_class and len(spare) >= count:
+                continue
+            try:
+                image = transform(sample_image(sample))
+            except ValueError:  # an undecodable sample: evaluation skips it too
+                continue
+            name = str(sample["__key__"])
+            if label is not None and 0 <= label < len(classes):
+                name += f" ({classes[label]})"
+            (picked if new_class else spare).append((read, image, name))
+            seen.add(label)
+            if len(picked) == count:
+                break
+    chosen = sorted(picked + spare[: count - len(picked)], key=lambda entry: entry[0])
+    if not chosen:
+        raise ValueError(f"the {evaluation.split} split of {evaluation.shards} has no readable image")
+    note = (
+        f"no images were given: {len(chosen)} held-out images of the model's evaluation set, the {evaluation.split} "
+        f"split of {evaluation.shards} (recorded in {evaluation.recorded_in}), one of each class first, in the "
+        f"shards' order, resized and centre-cropped as evaluated"
+    )
+    pixels = torch.stack([image for _, image, _ in chosen])
+    return InspectionImages(pixels, [name for _, _, name in chosen], "evaluation", note, evaluation)
+
+
+def _samples(urls: Sequence[str], storage_options: dict | None) -> Iterator[dict]:
+    """The samples of the tars at ``urls``, in order, read as they are needed."""
+    from pipelines.common.storage import filesystem
+    from pipelines.data.shards.format import iter_tar_samples
+
+    for url in urls:
+        fs, path = filesystem(url, storage_options)
+        with fs.open(path, "rb") as f:
+            yield from iter_tar_samples(f, shard=url)
+
+
+def default_images(
+    source: str, size: int, count: int = DEFAULT_NUM_IMAGES, storage_options: dict | None = None
+) -> InspectionImages:
+    """The images a model is inspected on when none are given: ``count`` of its own held-out evaluation images
+    (``find_evaluation_set`` of ``source``, the location ``load_inspected_model`` returned), else scikit-learn's
+    photographs, with a note saying why (it records no evaluation set, or the one it records cannot be read)."""
+    evaluation = find_evaluation_set(source, storage_options)
+    if evaluation is None:
+        return sample_images(size, NO_EVALUATION_SET)
+    try:
+        return evaluation_images(evaluation, size, count, storage_options)
+    except (ValueError, OSError) as err:  # moved or deleted shards: the figures are still worth drawing
+        where = f"the {evaluation.split} split of {evaluation.shards}"
+        why = f"the model's evaluation set, {where}, cannot be read ({type(err).__name__}: {err})"
+        return sample_images(size, why)
+
+
+def find_evaluation_set(source: str, storage_options: dict | None = None) -> EvaluationSet | None:
+    """The held-out set ``source`` was evaluated on, as the model records it; None when it records none.
+
+    ``source``: a weights location as ``load_inspected_model`` returns it, or an MLflow model URI. A weights file in a
+    checkpoint of this platform's training has its ``trainer_state.json`` beside it, whose config names the shards; a
+    registered model's run carries the tags the register step writes (``vit.eval_shards``, ``vit.eval_split``), and a
+    training run the same config as params (versions registered before those tags)."""
+    if source.startswith(MODEL_URI_SCHEMES):
+        return _evaluation_set_of_run(_run_of_model(source), storage_options)
+    from pipelines.common.storage import filesystem, read_json
+    from pipelines.training.loop import STATE_FILE
+
+    state_file = posixpath.join(posixpath.dirname(source.rstrip("/")), STATE_FILE)
+    fs, path = filesystem(state_file, storage_options)
+    try:
+        data = read_json(fs, path).get("config", {}).get("data", {})
+    except (FileNotFoundError, ValueError, AttributeError):  # no checkpoint of ours: a released or bare weights file
+        return None
+    if not isinstance(data, dict) or not data.get("shards"):
+        return None
+    split = _held_out_split(data["shards"], data.get("eval_split"), storage_options)
+    if split is None:
+        return None
+    return EvaluationSet(data["shards"], split, state_file, data.get("resize_size"))
+
+
+def _held_out_split(shards: str, trained_eval_split: str | None, storage_options: dict | None) -> str | None:
+    """The split of ``shards`` the model was evaluated on: ``HELD_OUT_SPLITS`` in turn, the one training evaluated on
+    (``data.eval_split``) after the first; None when the shards have none of them (or cannot be read)."""
+    from pipelines.data.stream import read_info
+
+    try:
+        splits = read_info(shards, storage_options).get("splits", {})
+    except (ValueError, OSError):
+        return None
+    first, *others = HELD_OUT_SPLITS
+    candidates = [first, *([trained_eval_split] if trained_eval_split not in (None, "auto") else []), *others]
+    return next((split for split in candidates if split in splits), None)
+
+
+def _run_of_model(uri: str) -> str:
+    """The MLflow run that logged the model ``uri`` (``models:/NAME/VERSION``, ``models:/NAME@alias``, a logged
+    model's ``models:/ID``, ``runs:/ID/PATH``)."""
+    from mlflow import MlflowClient
+    from mlflow.store.artifact.utils.models import get_model_name_and_version
+
+    client = MlflowClient()
+    if uri.startswith("runs:/"):
+        return uri.removeprefix("runs:/").split("/", 1)[0]
+    named = get_model_name_and_version(client, uri)
+    if len(named) == 1:  # a logged model's id: no registered name
+        return client.get_logged_model(named[0]).source_run_id
+    return client.get_model_version(*named).run_id
+
+
+def _evaluation_set_of_run(run_id: str, storage_options: dict | None) -> EvaluationSet | None:
+    """From the register step's tags on the run, else from the run's training config (its params)."""
+    from mlflow import MlflowClient
+
+    run = MlflowClient().get_run(run_id)
+    tags, params = run.data.tags, run.data.params
+    resize = params.get("data.resize_size", "")
+    resize_size = int(resize) if resize.isdigit() else None  # the fine-tuning's, which evaluation keeps by default
+    if tags.get(EVAL_SHARDS_TAG) and tags.get(EVAL_SPLIT_TAG):
+        where = f"the tags {EVAL_SHARDS_TAG} and {EVAL_SPLIT_TAG} of MLflow run {run_id}"
+        return EvaluationSet(tags[EVAL_SHARDS_TAG], tags[EVAL_SPLIT_TAG], where, resize_size)
+    shards = params.get("data.shards")
+    if not shards:
+        return None
+    split = _held_out_split(shards, params.get("data.eval_split"), storage_options)
+    if split is None:
+        return None
+    return EvaluationSet(shards, split, f"the params data.shards of MLflow run {run_id}", resize_size)
 
 
 def variant_name(config: vit.ViTConfig) -> str | None:
@@ -105,22 +309,21 @@ def variant_name(config: vit.ViTConfig) -> str | None:
 
 def inspect_model(
     model: vit.VisionTransformer,
-    pixels: torch.Tensor,
-    names: Sequence[str],
+    images: InspectionImages,
     out_dir: str | Path,
     *,
     source: str,
-    images_note: str | None = None,
     components: int = DEFAULT_COMPONENTS,
 ) -> dict[str, Any]:
-    """Compute the analyses of ``model`` on uint8 ``pixels`` (B, 3, S, S), write the figures, ``inspection.json`` and
+    """Compute the analyses of ``model`` on ``images``, write the figures, ``inspection.json`` and
     ``inspection.html`` into ``out_dir``, and return the report that the JSON holds."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.config
     param = next(model.parameters())
     h, w = model.grid_size
-    notes = [n for n in (images_note,) if n]
+    pixels, names = images.pixels, images.names
+    notes = [n for n in (images.note,) if n]
     figures: dict[str, Any] = {}
     report: dict[str, Any] = {
         "model": {
@@ -135,7 +338,13 @@ def inspect_model(
             "hybrid": cfg.resnet_layers is not None,
             "config": dataclasses.asdict(cfg),
         },
-        "images": {"names": list(names), "size": cfg.img_size, "sample_images": images_note is not None},
+        "images": {
+            "names": list(names),
+            "size": cfg.img_size,
+            "origin": images.origin,
+            "sample_images": images.origin == "sample",
+            "evaluation": dataclasses.asdict(images.evaluation) if images.evaluation else None,
+        },
     }
 
     if cfg.resnet_layers is None:
@@ -147,19 +356,29 @@ def inspect_model(
         notes.append(HYBRID_NOTE)
 
     similarity = pos_embed_similarity(model)  # (h, w, h, w)
-    report["position_embeddings"] = {"grid": [h, w], "similarity": _numbers(similarity.reshape(h * w, h * w))}
+    report["position_embeddings"] = {
+        "grid": [h, w],
+        "similarity": _numbers(similarity.reshape(h * w, h * w)),
+        **position_structure(similarity),  # spearman (vs 2-D distance), row_column_excess
+    }
     figures["position_embeddings"] = position_figure(similarity)
 
     # One image at a time: every block's (H, T, T) attention is held at once, which for large models on many images
     # would not fit; the per-image distances average to what one batch would give.
     distances, maps = [], []
-    for image in pixels:
-        x = normalize(image[None].to(param.device), dtype=param.dtype)
-        distances.append(mean_attention_distance(model, x).float().cpu())
-        if cfg.pool == "cls":
-            maps.append(attention_rollout(model, x)[0].float().cpu())
+    with _threads_for(model):
+        for image in pixels:
+            x = normalize(image[None].to(param.device), dtype=param.dtype)
+            distances.append(mean_attention_distance(model, x).float().cpu())
+            if cfg.pool == "cls":
+                maps.append(attention_rollout(model, x)[0].float().cpu())
     distance = torch.stack(distances).mean(dim=0)  # (L, H)
-    report["attention_distance"] = {"unit": "pixels", "image_size": cfg.img_size, "distances": _numbers(distance)}
+    report["attention_distance"] = {
+        "unit": "pixels",
+        "image_size": cfg.img_size,
+        "distances": _numbers(distance),
+        **distance_by_depth(distance),
+    }
     figures["attention_distance"] = distance_figure(distance, cfg.img_size, report["model"]["variant"])
 
     if maps:
@@ -182,6 +401,24 @@ def inspect_model(
     (out / "inspection.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "inspection.html").write_text(render_html(report, pngs))
     return report
+
+
+@contextlib.contextmanager
+def _threads_for(model: vit.VisionTransformer) -> Iterator[None]:
+    """One intra-op thread while a small model looks at one image at a time on the CPU: its passes are too small to
+    split, and on a busy 2-core machine threads waiting on each other made the demo model's inspection (Mu/8, 32 px,
+    four images) take 4 s instead of 0.5 s. Larger models keep torch's threads."""
+    h, w = model.grid_size
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    if not on_cpu or model.num_params() * (h * w + 1) >= _SMALL_FORWARD:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _numbers(t: torch.Tensor) -> Any:
@@ -297,6 +534,36 @@ _CAPTIONS = {
 }
 
 
+def _images_origin(images: dict[str, Any]) -> str:
+    if images["origin"] == "evaluation":
+        evaluation = images["evaluation"]
+        return f"the model's held-out evaluation set: the {evaluation['split']} split of {evaluation['shards']}"
+    if images["origin"] == "sample":
+        return "scikit-learn's sample photographs (no images given)"
+    return "the files given"
+
+
+def _findings(report: dict[str, Any]) -> list[tuple[str, str]]:
+    """Fig. 7's findings as numbers, for the page's table (the JSON holds them all)."""
+    position, distance = report["position_embeddings"], report["attention_distance"]
+    by_block = distance["attention_distance_by_block"]
+    return [
+        (
+            "position embeddings",
+            f"Spearman {position['spearman']:+.2f} between similarity and 2-D distance (negative: nearer patches "
+            f"more alike); rows/columns {position['row_column_excess']:+.3f} more alike than others as far apart",
+        ),
+        (
+            "attention distance",
+            "mean by block "
+            + ", ".join(f"{d:.1f}" for d in by_block)
+            + " px (lowest first); heads of the first block {:.1f}-{:.1f} px; Spearman with depth {:+.2f}".format(
+                *distance["attention_distance_range_by_block"][0], distance["distance_depth_spearman"]
+            ),
+        ),
+    ]
+
+
 def render_html(report: dict[str, Any], pngs: dict[str, bytes]) -> str:
     """One page with every figure inline (base64 data: URIs): it opens anywhere, attached or offline."""
     m = report["model"]
@@ -310,6 +577,8 @@ def render_html(report: dict[str, Any], pngs: dict[str, bytes]) -> str:
         ("pooling", m["pool"]),
         ("width / depth / heads / MLP", "{width} / {depth} / {num_heads} / {mlp_dim}".format(**m["config"])),
         ("images", ", ".join(report["images"]["names"])),
+        ("images from", _images_origin(report["images"])),
+        *_findings(report),
     ]
     rows = "\n".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts)
     notes = "\n".join(f"<li>{html.escape(n)}</li>" for n in report["notes"])

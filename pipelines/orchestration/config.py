@@ -9,6 +9,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from pipelines.common.config import ConfigError, check
 from pipelines.data.shards import ShardConfig
@@ -57,6 +58,10 @@ class SynthCorpusConfig:
     image_size: int = 32
     label_noise: float = 0.1
     seed: int = 0
+    style: Literal["shapes", "glyphs"] = "shapes"  # drawn shapes (JPEG), or handwritten stroke glyphs (PNG)
+    scan_size: int = 0  # glyphs: scanned at this many pixels, shown with square pixels (the digits' look); 0: smooth
+    superclasses: int | None = None  # default: about sqrt(classes)
+    superclass_labels: bool = True  # label images with their superclass too (false + glyphs: single-label, softmax)
 
 
 @dataclass(kw_only=True)

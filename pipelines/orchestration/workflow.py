@@ -350,7 +350,8 @@ class _Runner:
             if data.source == "synth":
                 s = data.synth
                 dst = self.path("corpus", "synth")
-                self.log(f"{label}: a synthetic JFT-style corpus, {s.images} images of {s.classes} classes")
+                kind = "handwritten glyphs" if s.style == "glyphs" else "drawn shapes"
+                self.log(f"{label}: a synthetic JFT-style corpus of {kind}, {s.images} images of {s.classes} classes")
                 synth_corpus(
                     dst,
                     images=s.images,
@@ -358,6 +359,10 @@ class _Runner:
                     image_size=s.image_size,
                     label_noise=s.label_noise,
                     seed=s.seed,
+                    style=s.style,
+                    scan_size=s.scan_size,
+                    superclasses=s.superclasses,
+                    superclass_labels=s.superclass_labels,
                     workers=2,
                     storage_options=self.cfg.storage_options,
                     overwrite=True,
@@ -459,6 +464,8 @@ class _Runner:
             shards=shards,
             storage_options=self._data_options("finetune"),
             tracking=self.cfg.tracking,
+            # what the pretraining added: its frozen features few-shot, against the architecture at random init
+            pretrained=self.outputs.get("pretrain", {}).get("checkpoint", ""),
         )
         if cfg.resize_size is None:  # evaluated as it was fine-tuned
             cfg.resize_size = tuned.get("resize_size")
@@ -506,9 +513,11 @@ class _Runner:
                 )
         version = register_model(run_id, reg.model_name, metric=reg.metric)
         self.log(f"{label}: {reg.model_name} version {version.version} ({reg.metric} {metrics.get(reg.metric, 0):.4g})")
+        weights = local_weights(tuned["model_path"], options)
+        inspection = self._log_inspection(version, weights, shards, options)
         # The card goes on the run the version points to, so `vit registry show NAME VERSION` finds it from the
         # version alone; written before promoting, whose decision the description then keeps after the summary.
-        card = self._model_card(version, local_weights(tuned["model_path"], options), read_classes(shards, options))
+        card = self._model_card(version, weights, read_classes(shards, options), inspection)
         self.tracker.log_text(version.run_id, render_model_card(card), CARD_FILE)
         earlier = (version.description or "").partition("\n\nPromotion: ")
         described = card_summary(card) + (f"\n\nPromotion: {earlier[2]}" if earlier[1] else "")
@@ -528,7 +537,44 @@ class _Runner:
         })  # fmt: skip
         return outputs
 
-    def _model_card(self, version, weights: str, classes: list[str]):
+    def _log_inspection(self, version, weights: str, shards: str, options: dict) -> list[str]:
+        """What the version learned (`vit inspect`: the paper's Figs. 6 and 7 and their numbers), on a few of its own
+        held-out evaluation images, as artifacts of the version's run under ``inspection/``; returns their paths.
+        Tags on that run name the evaluation set, so `vit inspect models:/NAME/VERSION` finds the same images.
+        A retried step writes the same paths again: artifacts are replaced, never duplicated."""
+        import tempfile
+
+        import torch
+
+        import vit
+        from pipelines.evaluation.inspect import (
+            EVAL_SHARDS_TAG,
+            EVAL_SPLIT_TAG,
+            EvaluationSet,
+            evaluation_images,
+            inspect_model,
+        )
+        from pipelines.registry.model_card import INSPECTION_DIR
+
+        ev, tuned = self.cfg.evaluate, self.outputs["finetune"]
+        self.tracker.set_tags(version.run_id, {EVAL_SHARDS_TAG: shards, EVAL_SPLIT_TAG: ev.split})
+        evaluation = EvaluationSet(
+            shards=shards,
+            split=ev.split,
+            recorded_in="the pipeline's evaluate step",
+            resize_size=ev.resize_size or tuned.get("resize_size"),  # as the evaluate step resized
+        )
+        model = vit.load_model(weights).eval()  # on the CPU: four images through a model the driver already reads
+        with tempfile.TemporaryDirectory(prefix="vit-inspection-") as tmp, torch.inference_mode():
+            images = evaluation_images(evaluation, model.config.img_size, storage_options=options)
+            inspect_model(model, images, tmp, source=f"models:/{self.cfg.register.model_name}/{version.version}")
+            written = sorted(p.name for p in Path(tmp).iterdir())
+            for name in written:
+                self.tracker.log_file(version.run_id, str(Path(tmp) / name), INSPECTION_DIR)
+        self.log(f"      inspection of {len(images.names)} {ev.split} images: {INSPECTION_DIR}/inspection.html")
+        return [f"{INSPECTION_DIR}/{name}" for name in written]
+
+    def _model_card(self, version, weights: str, classes: list[str], inspection: list[str]):
         """The facts of the registered version's card, from the steps' outputs and the config (``model_card``)."""
         from pipelines.registry.model_card import DatasetFacts, ModelCard, RecipeFacts
 
@@ -594,6 +640,7 @@ class _Runner:
             metrics={k: v for k, v in evaluated["metrics"].items() if k != "eval/seconds"},
             top1_correct=correct,
             lineage={k: str(v) for k, v in lineage.items() if v},
+            inspection=inspection,
         )
 
     def _paired_comparison(self, challenger_version: str):

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from statistics import NormalDist
 
 CARD_FILE = "model_card.md"  # the artifact's name on the run the version points to
+INSPECTION_DIR = "inspection"  # the artifact folder, on the same run, of what the model learned (`vit inspect`)
 SECTIONS = (
     "Model",
     "Data",
@@ -68,6 +69,7 @@ class ModelCard:
     metrics: dict[str, float]  # eval/top1, eval/top5, eval/images, fewshot/<k>shot
     top1_correct: int | None = None  # the count behind eval/top1, from the per-image scores when there are some
     lineage: dict[str, str] = field(default_factory=dict)  # label -> run id, checkpoint, model URI, ...
+    inspection: list[str] = field(default_factory=list)  # artifact paths of `vit inspect`'s report on the same run
 
 
 def wilson_interval(correct: int, total: int, confidence: float = 0.95) -> tuple[float, float]:
@@ -97,11 +99,13 @@ def _images(card: ModelCard) -> int | None:
     return int(images) if images else None
 
 
-def _fewshot(card: ModelCard) -> list[tuple[int, float]]:
+def _fewshot(card: ModelCard, prefix: str = "") -> list[tuple[int, float]]:
+    """(shots, accuracy) of the model's ``fewshot/<k>shot`` metrics, or of those under ``prefix`` (``pretrained/``:
+    the pretrained model it was fine-tuned from; ``random_init/``: the same architecture never trained)."""
     shots = []
     for key, value in card.metrics.items():
-        if key.startswith("fewshot/") and key.endswith("shot"):
-            count = key.removeprefix("fewshot/").removesuffix("shot")
+        if key.startswith(prefix + "fewshot/") and key.endswith("shot"):
+            count = key.removeprefix(prefix + "fewshot/").removesuffix("shot")
             if count.isdigit():
                 shots.append((int(count), value))
     return sorted(shots)
@@ -150,8 +154,8 @@ def known_limitations(card: ModelCard) -> list[str]:
     for data in card.datasets:
         if data.source == "synth":
             limits.append(
-                f"{data.role.capitalize()} data is a small synthetic corpus (drawn shapes, several noisy labels per "
-                "image), not natural images: its features say little about what a JFT or ImageNet-21k pretraining "
+                f"{data.role.capitalize()} data is a small synthetic corpus (generated shapes or glyphs with noisy "
+                "labels), not natural images: its features say little about what a JFT or ImageNet-21k pretraining "
                 "would give."
             )
         elif data.source == "digits":
@@ -194,8 +198,17 @@ def render_model_card(card: ModelCard) -> str:
         f"- Resolution: {card.image_size}px"
         + (f" (resized to {card.resize_size}px, then centre-cropped)" if card.resize_size else ""),
         f"- Classes ({len(card.classes)}): {', '.join(card.classes[:20])}{', ...' if len(card.classes) > 20 else ''}",
-        "",
     ]
+    if card.inspection:
+        page = [path for path in card.inspection if path.endswith(".html")]
+        others = [f"`{path}`" for path in card.inspection if not path.endswith(".html")]
+        lines.append(
+            f"- What it learned, drawn as the paper does (Figs. 6 and 7: filters, position embeddings, attention "
+            f"distance and rollout) on held-out {card.split} images: "
+            + (f"`{page[0]}` (one self-contained page), " if page else "")
+            + f"{', '.join(others)}; artifacts of this version's run"
+        )
+    lines.append("")
 
     lines += ["## Data", "", "| role | source | shards | fingerprint |", "|---|---|---|---|"]
     lines += [f"| {d.role} | `{d.source}` | `{d.shards}` | `{d.fingerprint or '-'}` |" for d in card.datasets]
@@ -243,6 +256,20 @@ def render_model_card(card: ModelCard) -> str:
     else:
         lines.append("None were run.")
     lines.append("")
+    pretrained, untrained = dict(_fewshot(card, "pretrained/")), dict(_fewshot(card, "random_init/"))
+    if pretrained and untrained:
+        lines += [
+            "What the pretraining transferred (the paper's measure): the same probes on the frozen features of the "
+            "pretrained model before fine-tuning, and of the same architecture at its random initialisation.",
+            "",
+            "| shots per class | pretrained | random init | difference |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {k} | {pretrained[k]:.2%} | {untrained[k]:.2%} | {pretrained[k] - untrained[k]:+.2%} |"
+            for k in sorted(pretrained.keys() & untrained.keys())
+        ]
+        lines.append("")
 
     lines += ["## Lineage", ""]
     lines += [f"- {label}: `{value}`" for label, value in card.lineage.items() if value] or ["- unknown"]

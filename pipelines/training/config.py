@@ -29,6 +29,7 @@ class DataConfig:
     image_size: int = 224
     resize_size: int | None = None  # fine-tuning and evaluation resize to this before cropping
     flip: bool = True  # random horizontal flips (off for digits or text, where a mirror image is another class)
+    crop_area_min: float = 0.05  # pretraining's Inception crop keeps at least this share of the image (big_vision)
     loader_workers: int = 2  # decoding processes per training worker (0: decode in the training process)
     shuffle_block: int = 2048  # samples of a stream shuffled together as they stream in
     # Logical data streams the epoch is split into, fixed when a run starts (a resume keeps its checkpoint's): the
@@ -43,6 +44,7 @@ class DataConfig:
         check(self.resize_size is None or self.resize_size >= self.image_size,
               f"resize_size: {self.resize_size} is smaller than image_size {self.image_size}")  # fmt: skip
         check(self.loader_workers >= 0, f"loader_workers: must not be negative, got {self.loader_workers}")
+        check(0 < self.crop_area_min <= 1, f"crop_area_min: must be in (0, 1], got {self.crop_area_min}")
         check(self.shuffle_block >= 1, f"shuffle_block: must be at least 1, got {self.shuffle_block}")
         check(self.streams is None or self.streams >= 1, f"streams: must be at least 1 (or null), got {self.streams}")
 

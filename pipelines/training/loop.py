@@ -139,7 +139,13 @@ class _Loop:
         recipe = cfg.recipe if train else "eval"
         spec = StreamSpec(
             shards=shards,
-            transform=build_transform(recipe, cfg.data.image_size, cfg.data.resize_size, flip=cfg.data.flip),
+            transform=build_transform(
+                recipe,
+                cfg.data.image_size,
+                cfg.data.resize_size,
+                flip=cfg.data.flip,
+                crop_area_min=cfg.data.crop_area_min,
+            ),
             batch_size=self.micro if train else (cfg.eval_batch_size or self.micro),
             seed=cfg.seed,
             rank=self.rank,

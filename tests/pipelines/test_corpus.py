@@ -319,3 +319,57 @@ def test_cli_digits(tmp_path):
         assert image.size == (16, 16)
     bad = run_vit("corpus", "digits", str(tmp_path / "other"), "--scale", "0")
     assert bad.returncode == 2 and "scale must be at least 1" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The glyph style: handwritten strokes, scanned like the digits
+
+
+def test_glyph_families_share_a_stroke_and_the_alphabet_does_not_depend_on_the_corpus_seed():
+    from pipelines.data.glyphs import glyph_taxonomy
+
+    taxonomy = glyph_taxonomy(60, superclasses=6)
+    assert len(taxonomy.classes) == 60 and len(set(taxonomy.superclasses)) == 6
+    for family in range(6):
+        members = [c for c in taxonomy.classes if c.superclass == family]
+        assert len(members) == 10 and len({c.strokes[0] for c in members}) == 1  # the family's stroke
+        assert len({c.strokes[1:] for c in members}) == 10  # each glyph its own strokes
+    assert len({c.strokes[0] for c in taxonomy.classes}) == 6
+    assert glyph_taxonomy(60, superclasses=6) == taxonomy
+    with pytest.raises(ValueError, match="superclasses must be between 1 and 60"):
+        glyph_taxonomy(60, superclasses=61)
+
+
+def test_glyph_corpus_is_png_scans_with_one_glyph_and_its_family_per_image(tmp_path):
+    summary = synth_corpus(
+        str(tmp_path / "g"), images=80, classes=8, superclasses=2, image_size=32, style="glyphs", scan_size=8,
+        label_noise=0.0,
+    )  # fmt: skip
+    files = tree_bytes(str(tmp_path / "g"))
+    pngs = {path: data for path, data in files.items() if path.endswith(".png")}
+    assert len(pngs) == 80 == summary.images and sum(map(len, pngs.values())) == summary.bytes
+    levels = set()
+    for data in pngs.values():
+        with Image.open(io.BytesIO(data)) as image:
+            assert image.format == "PNG" and image.size == (32, 32)
+            pixels = np.asarray(image.convert("RGB"))
+        assert (pixels == pixels[..., :1]).all()  # grey ink
+        blocks = pixels[..., 0].reshape(8, 4, 8, 4)
+        assert (blocks == blocks[:, :1, :, :1]).all()  # an 8 px scan shown with square 4x4 pixels
+        levels |= set(np.unique(pixels).tolist())
+    assert levels <= {round(i * 255 / 16) for i in range(17)} and len(levels) > 8  # the digits' 17 ink levels
+    for row in read_labels(str(tmp_path / "g")):
+        leaf, family = row["label_ids"]
+        assert leaf == row["primary_class"] and family == 8 + leaf * 2 // 8
+    same = synth_corpus(str(tmp_path / "again"), images=80, classes=8, superclasses=2, image_size=32,
+                        style="glyphs", scan_size=8, label_noise=0.0)  # fmt: skip
+    assert same.bytes == summary.bytes and tree_bytes(str(tmp_path / "again")) == files
+
+
+def test_glyph_corpus_refuses_several_objects_and_a_scan_larger_than_the_image(tmp_path):
+    with pytest.raises(ValueError, match=r"\(1, 1\) for glyphs"):
+        synth_corpus(str(tmp_path / "a"), images=4, classes=4, style="glyphs", labels_per_image=(1, 2))
+    with pytest.raises(ValueError, match="scan_size must be between 0"):
+        synth_corpus(str(tmp_path / "b"), images=4, classes=4, image_size=32, style="glyphs", scan_size=64)
+    with pytest.raises(ValueError, match="style must be"):
+        synth_corpus(str(tmp_path / "c"), images=4, classes=4, style="letters")  # type: ignore[arg-type]

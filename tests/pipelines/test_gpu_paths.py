@@ -555,6 +555,30 @@ def test_evaluation_labels_survive_loader_workers(tmp_path):
     assert found[1] == found[0]
 
 
+def test_the_pretrained_features_and_an_untrained_copy_are_probed_beside_the_model(tmp_path):
+    """``pretrained``: the same probes on the weights fine-tuned from and on their architecture at random init.
+    Known answers: the model itself as its own pretrained weights scores exactly as the model; seed 0 rebuilds the
+    model's own initialisation (it was made after ``manual_seed(0)``), whatever the caller's random state."""
+    import torch
+
+    from pipelines.evaluation.evaluate import EvaluateConfig, evaluate_model
+
+    eval_set = _eval_set(tmp_path)
+    cfg = EvaluateConfig(**eval_set, pretrained=eval_set["model"], batch_size=8, loader_workers=0, shots=[1, 5])
+    torch.manual_seed(123)
+    metrics, lines = evaluate_model(cfg, lambda _: None), []
+    torch.manual_seed(7)  # the untrained copy comes from its own seed, not from the caller's random stream
+    assert evaluate_model(cfg, lambda _: None)["random_init/fewshot/5shot"] == metrics["random_init/fewshot/5shot"]
+    for k in (1, 5):
+        assert metrics[f"pretrained/fewshot/{k}shot"] == metrics[f"fewshot/{k}shot"]
+        assert metrics[f"random_init/fewshot/{k}shot"] == metrics[f"fewshot/{k}shot"]  # the same initialisation
+    cfg.random_init_seed = 1
+    other = evaluate_model(cfg, lines.append)
+    assert [other[f"random_init/fewshot/{k}shot"] for k in (1, 5)] != [metrics[f"fewshot/{k}shot"] for k in (1, 5)]
+    assert any("at random init" in line for line in lines)
+    assert "pretrained/fewshot/1shot" not in evaluate_model(EvaluateConfig(**eval_set, loader_workers=0, shots=[1]))
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_evaluation_runs_in_a_ray_task_when_the_cluster_has_a_gpu(tmp_path):

@@ -112,3 +112,24 @@ def test_a_card_for_real_data_and_no_top1_evaluation_says_so():
     assert "toy" not in card_summary(card) and "Classifying images into the 10 classes" in text
     assert "No top-1 evaluation" in text and "| 5 | 50.00% | - |" in text  # no image count: no interval
     assert "synthetic" not in text and "only 20,000 steps" not in text
+
+
+def test_the_card_points_to_the_inspection_beside_it_when_there_is_one():
+    paths = ["inspection/attention_rollout.png", "inspection/filters.png", "inspection/inspection.html"]
+    text = render_model_card(_card(inspection=[*paths, "inspection/inspection.json"]))
+    model = text.split("## Model\n")[1].split("\n## ")[0]
+    line = next(line for line in model.splitlines() if "What it learned" in line)
+    assert "Figs. 6 and 7" in line and "held-out test images" in line
+    assert "`inspection/inspection.html` (one self-contained page)" in line
+    assert "`inspection/filters.png`" in line and "`inspection/inspection.json`" in line
+    assert "What it learned" not in render_model_card(_card())  # none logged (an older version): no line
+
+
+def test_the_card_compares_the_pretrained_features_with_random_ones_when_both_were_measured():
+    transfer = {"pretrained/fewshot/5shot": 0.51, "random_init/fewshot/5shot": 0.38, "pretrained/fewshot/1shot": 0.37}
+    text = render_model_card(_card(metrics={**_card().metrics, **transfer}))
+    assert "| 5 | 51.00% | 38.00% | +13.00% |" in text  # a shot count needs both figures: 1-shot has one
+    assert "| 1 | 37.00%" not in text
+    shots = re.findall(r"^\| (\d+) \| ([\d.]+%) \| \[", text, re.MULTILINE)
+    assert shots == [("1", "30.00%"), ("10", "70.00%")]  # the model's own probes are not mixed with them
+    assert "What the pretraining transferred" not in render_model_card(_card())

@@ -83,6 +83,10 @@ def test_the_pipeline_runs_every_step_and_tells_the_story_in_mlflow(pipeline):
         run_id=evaluate.info.run_id, artifact_path="confusion_matrix.json")).read_text())  # fmt: skip
     assert len(confusion["classes"]) == 10 and sum(map(sum, confusion["counts"])) == 360
     assert evaluate.data.metrics["eval/top1"] == pytest.approx(top1 / 100, abs=1e-4)
+    # what the pretraining transferred: its frozen features and the same ViT untrained, probed beside the model
+    assert {f"{m}/fewshot/{k}shot" for m in ("pretrained", "random_init") for k in (1, 5)} <= set(evaluate.data.metrics)
+    assert re.search(r"^  pretrained\s+1shot [\d.]+%  5shot [\d.]+%", stdout, re.MULTILINE), stdout
+    assert re.search(r"^  random init\s+1shot [\d.]+%", stdout, re.MULTILINE), stdout
     version = client.get_model_version_by_alias("wf-model", "champion")
     assert version.version == "1" and version.run_id == finetune.info.run_id
     assert client.get_model_version_by_alias("wf-model", "challenger").version == "1"
@@ -108,11 +112,46 @@ def test_the_registered_version_carries_its_model_card(pipeline):
     top1 = finetune.data.metrics["eval/top1"]
     assert re.search(rf"\| eval/top1 \| {top1:.2%} \| \[[\d.]+%, [\d.]+%\] \|", card), card
     assert re.search(r"^\| 5 \| [\d.]+% \|", card, re.MULTILINE)  # evaluate.shots=[1,5]
+    assert re.search(r"^\| 5 \| [\d.]+% \| [\d.]+% \| [+-][\d.]+% \|", card, re.MULTILINE)  # pretrained vs untrained
     assert "| finetune | 6 steps | 128 | sgd |" in card and "only 360 images" in card
 
     shown = subprocess.run([VIT, "registry", "show", "wf-model", "1"], capture_output=True, text=True, timeout=120)
     assert shown.returncode == 0, shown.stderr[-3000:]
     assert shown.stdout.startswith("wf-model version 1  (challenger, champion)") and card.strip() in shown.stdout
+
+
+def test_the_registered_version_carries_what_it_learned_on_its_held_out_images(pipeline, tmp_path):
+    """The register step's `vit inspect` report sits beside the card on the version's run, drawn on four of the
+    test digits the version was evaluated on; `vit inspect models:/NAME/VERSION` finds the same images."""
+    import mlflow
+    from click.testing import CliRunner
+
+    from pipelines.cli import main
+    from pipelines.evaluation.inspect import FIGURES
+
+    workdir, stdout, _, _ = pipeline
+    client = mlflow.MlflowClient()
+    version = client.get_model_version("wf-model", "1")
+    listed = sorted(Path(f.path).name for f in client.list_artifacts(version.run_id, "inspection"))
+    assert listed == sorted([*FIGURES.values(), "inspection.json", "inspection.html"])
+    report = json.loads(Path(mlflow.artifacts.download_artifacts(
+        run_id=version.run_id, artifact_path="inspection/inspection.json")).read_text())  # fmt: skip
+    assert report["model"]["source"] == "models:/wf-model/1" and report["model"]["variant"] == "Mu/8"
+    images = report["images"]
+    assert images["origin"] == "evaluation" and len(images["names"]) == 4
+    evaluated = images["evaluation"]
+    assert (evaluated["shards"], evaluated["split"]) == (str(workdir / "shards" / "digits"), "test")
+    assert len({name.rsplit(" ", 1)[1] for name in images["names"]}) == 4  # "KEY (DIGIT)": four different digits
+    assert len(report["attention_distance"]["distances"]) == 4  # a distance per block of Mu's four
+    card = Path(mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path="model_card.md")).read_text()
+    assert "`inspection/inspection.html` (one self-contained page)" in card and "`inspection/filters.png`" in card
+    assert "inspection of 4 test images: inspection/inspection.html" in stdout
+
+    again = CliRunner().invoke(main, ["inspect", "models:/wf-model/1", "--num-images", "2", "--out", str(tmp_path)])
+    assert again.exit_code == 0, again.output
+    found = json.loads((tmp_path / "inspection.json").read_text())["images"]
+    assert found["names"] == images["names"][:2] and found["evaluation"]["split"] == "test"
+    assert f"vit.eval_shards and vit.eval_split of MLflow run {version.run_id}" in found["evaluation"]["recorded_in"]
 
 
 def test_the_registered_champion_predicts_in_a_fresh_process(pipeline):
@@ -147,6 +186,8 @@ def test_a_rerun_skips_finished_steps_and_from_and_only_rerun_on_purpose(pipelin
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert rerun.stdout.count("skipped") == 4 and "evaluate" in rerun.stdout.split("time")[-1]
     assert [v.version for v in client.search_model_versions("name='wf-model'")] == ["1"]  # registering is idempotent
+    first = client.get_model_version("wf-model", "1").run_id
+    assert len(client.list_artifacts(first, "inspection")) == 6  # the register step again: its report replaced
 
     only = vit_run(workdir, "--only", "finetune", experiment="wf", model="wf-model")
     assert only.returncode == 0, only.stderr[-3000:]

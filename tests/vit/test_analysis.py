@@ -6,9 +6,11 @@ import torch
 import vit
 from vit.analysis import (
     attention_rollout,
+    fig7_statistics,
     mean_attention_distance,
     patch_embed_components,
     pos_embed_similarity,
+    position_structure,
     rollout,
 )
 
@@ -141,3 +143,36 @@ def test_filter_components_are_fewer_when_there_are_fewer_filters_and_refused_fo
     hybrid = vit.create_model("R26+Mu/32", img_size=64, num_classes=0, device="meta")
     with pytest.raises(ValueError, match="stem"):
         patch_embed_components(hybrid)
+
+
+def _grid_similarity(h: int, w: int, value) -> torch.Tensor:
+    """A (h, w, h, w) similarity whose [i, j, k, l] entry is value(dy, dx) of the two patches' offsets."""
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    dy = (ys.reshape(h, w, 1, 1) - ys.reshape(1, 1, h, w)).abs().double()
+    dx = (xs.reshape(h, w, 1, 1) - xs.reshape(1, 1, h, w)).abs().double()
+    return value(dy, dx)
+
+
+def test_similarity_falling_with_distance_has_spearman_minus_one_and_no_row_column_structure():
+    falling = position_structure(_grid_similarity(5, 5, lambda dy, dx: 1.0 - (dy**2 + dx**2).sqrt() / 10))
+    assert falling["spearman"] == pytest.approx(-1.0)
+    assert falling["row_column_excess"] == pytest.approx(0.0, abs=0.02)  # only rounding of distances separates them
+    rising = position_structure(_grid_similarity(5, 5, lambda dy, dx: (dy**2 + dx**2).sqrt()))
+    assert rising["spearman"] == pytest.approx(1.0)
+
+
+def test_rows_and_columns_more_alike_than_as_far_off_axis_show_a_positive_excess():
+    axes = _grid_similarity(4, 6, lambda dy, dx: ((dy == 0) | (dx == 0)).double() * 0.5)
+    structure = position_structure(axes)
+    assert structure["row_column_excess"] == pytest.approx(0.5)
+    assert structure["spearman"] < 0  # same-row/column pairs are the nearer ones on average
+
+
+def test_fig7_statistics_of_a_model_report_every_block():
+    torch.manual_seed(0)
+    model = vit.create_model("Mu/8", num_classes=3, img_size=32).eval()
+    stats = fig7_statistics(model, torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8))
+    assert len(stats["attention_distance_by_block"]) == 4 == len(stats["attention_distance_range_by_block"])
+    for mean, (low, high) in zip(stats["attention_distance_by_block"], stats["attention_distance_range_by_block"]):
+        assert 0 <= low <= mean <= high <= 32 * 2**0.5
+    assert -1 <= stats["position_spearman"] <= 1 and -1 <= stats["distance_depth_spearman"] <= 1
