@@ -6,7 +6,7 @@ from __future__ import annotations
 import click
 
 from pipelines.cli.errors import fail, failing_on
-from pipelines.cli.registry import _connect, _expand, tracking_uri_option
+from pipelines.cli.options import connect_tracking, image_files, tracking_uri_option
 
 
 @click.command(name="inspect", context_settings={"help_option_names": ["-h", "--help"]})
@@ -52,7 +52,7 @@ def inspect_command(
         load_inspected_model,
     )
 
-    files = _expand(images)
+    files = image_files(images)
     if images and not files:
         fail("no images found")
     errors: tuple[type[Exception], ...] = (ValueError, OSError)
@@ -61,7 +61,7 @@ def inspect_command(
 
         from pipelines.registry.registry import RegistryError
 
-        _connect(tracking_uri)
+        connect_tracking(tracking_uri)
         errors += (RegistryError, MlflowException)
     with failing_on(*errors, describe=_message):
         try:

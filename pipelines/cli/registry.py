@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import click
 
 from pipelines.cli.errors import fail, failing_on
+from pipelines.cli.options import connect_tracking, image_files, tracking_uri_option
 from pipelines.registry.predict import predict_images
 from pipelines.registry.registry import (
     CHALLENGER,
@@ -25,46 +23,6 @@ from pipelines.registry.registry import (
     model_card,
     promote,
 )
-
-# The files of a directory given to `vit predict` that it reads.
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-
-
-tracking_uri_option = click.option(
-    "--tracking-uri",
-    envvar="MLFLOW_TRACKING_URI",
-    default=None,
-    show_envvar=True,
-    help="MLflow tracking server [./mlflow.db, the pipeline's default store].",
-)
-
-
-def _connect(tracking_uri: str | None) -> None:
-    """Point MLflow at the server, failing fast when it is down: MLflow's own retries take minutes to give up."""
-    import urllib.error
-    import urllib.request
-
-    import mlflow
-
-    from pipelines.tracking.tracking import TrackingConfig
-    from pipelines.tracking.tracking import tracking_uri as resolve
-
-    uri = resolve(TrackingConfig(uri=tracking_uri or ""))  # the same default as the pipeline's: ./mlflow.db
-    mlflow.set_tracking_uri(uri)
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        # MLflow would create an empty store here and report "no models": say where none was found instead.
-        fail(
-            f"no MLflow store at {uri.removeprefix('sqlite:///')}: run this where `vit run` ran, or point "
-            "--tracking-uri (MLFLOW_TRACKING_URI) at the store or server `vit run` printed"
-        )
-    if uri.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10):
-                pass
-        except urllib.error.HTTPError:
-            pass  # it answered (perhaps asking for credentials): reachable
-        except (urllib.error.URLError, OSError) as err:
-            fail(f"cannot reach the MLflow server at {uri}: {getattr(err, 'reason', err)}")
 
 
 def _user_errors() -> contextlib.AbstractContextManager[None]:
@@ -94,7 +52,7 @@ def registry() -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per model.")
 def list_command(tracking_uri: str | None, as_json: bool) -> None:
     """List registered models with their aliases."""
-    _connect(tracking_uri)
+    connect_tracking(tracking_uri)
     with _user_errors():
         models = list_models()
     if as_json:
@@ -120,7 +78,7 @@ def list_command(tracking_uri: str | None, as_json: bool) -> None:
 def show_command(tracking_uri: str | None, as_json: bool, name: str, version: str | None) -> None:
     """Show model NAME: its versions, aliases, metric values and source runs; with VERSION, that version's model
     card (data, recipe, metrics with 95% intervals, lineage, intended use and limits)."""
-    _connect(tracking_uri)
+    connect_tracking(tracking_uri)
     with _user_errors():
         info = describe_model(name)
         if version is not None:
@@ -179,27 +137,12 @@ def promote_command(tracking_uri: str | None, metric: str, force: bool, name: st
 
     Exits 0 whether or not it was promoted (the decision is printed); 2 on errors.
     """
-    _connect(tracking_uri)
+    connect_tracking(tracking_uri)
     with _user_errors():
         result = promote(name, version, metric=metric, force=force)
     verb = "promoted" if result.promoted else "kept"
     subject = f"version {result.version}" if result.promoted else f"version {result.previous_champion} as {CHAMPION}"
     click.echo(f"{verb} {subject}: {result.reason}")
-
-
-def _expand(paths: Sequence[str]) -> list[str]:
-    """Files as given; directories to their image files (sorted, not recursive)."""
-    files: list[str] = []
-    for path in paths:
-        if os.path.isdir(path):
-            files.extend(
-                str(p) for p in sorted(Path(path).iterdir()) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-            )
-        elif os.path.isfile(path):
-            files.append(path)
-        else:
-            fail(f"no such file: {path}")
-    return files
 
 
 @click.command(name="predict", context_settings={"help_option_names": ["-h", "--help"]})
@@ -224,10 +167,10 @@ def predict(
     before any of its code runs. The table shows, per image, the best label and its probability, then the other
     labels of the top k with theirs, as columns label2 p2, label3 p3, ...
     """
-    files = _expand(images)
+    files = image_files(images)
     if not files:
         fail("no images found")
-    _connect(tracking_uri)
+    connect_tracking(tracking_uri)
     with _user_errors():
         results = predict_images(model_uri, files, batch_size=batch_size, top_k=top_k, progress=not as_json)
     if as_json:

@@ -207,6 +207,21 @@ def test_inception_crop_fallback_is_central():
     assert inception_crop_box(1, 1, np.random.default_rng(0)) == (0, 0, 1, 1)
 
 
+def test_crop_area_min_bounds_the_pretraining_crop_and_one_keeps_the_whole_image():
+    photo = io.BytesIO()
+    Image.fromarray(load_sample_images().images[0][:400, :400]).save(photo, format="PNG")  # square, as a glyph
+    whole = build_transform("pretrain", 32, flip=False, crop_area_min=1.0)
+    resized = torch.from_numpy(np.asarray(Image.open(photo).convert("RGB").resize((32, 32), Image.BILINEAR)))
+    for seed in range(5):  # no crop fits at area 1 with another aspect: the fallback is the image itself
+        assert torch.equal(whole(photo.getvalue(), np.random.default_rng(seed)), resized.permute(2, 0, 1))
+    rng = np.random.default_rng(0)
+    areas = [np.prod(np.diff(np.reshape(inception_crop_box(400, 300, rng, area_range=(0.5, 1.0)), (2, 2)), axis=0))
+             for _ in range(500)]  # fmt: skip
+    assert min(areas) >= 0.5 * 400 * 300 * 0.97
+    with pytest.raises(ValueError, match="crop_area_min"):
+        build_transform("pretrain", 32, crop_area_min=0.0)
+
+
 def test_transform_pickles():
     transform = build_transform("finetune", 64)
     clone = pickle.loads(pickle.dumps(transform))
