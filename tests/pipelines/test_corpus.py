@@ -296,6 +296,20 @@ def test_cli_synth_writes_and_summarises(tmp_path):
     )
 
 
+def test_cli_synth_writes_scanned_glyphs(tmp_path):
+    dst = tmp_path / "glyphs"
+    args = ["--images", "6", "--classes", "3", "--image-size", "32", "--style", "glyphs", "--scan-size", "8"]
+    result = run_vit("corpus", "synth", str(dst), *args)
+    assert result.returncode == 0, result.stderr
+    pngs = sorted(dst.rglob("*.png"))
+    assert len(pngs) == 6 and len(read_labels(str(dst))) == 6
+    with Image.open(pngs[0]) as image:
+        blocks = np.asarray(image.convert("L")).reshape(8, 4, 8, 4)
+    assert (blocks == blocks[:, :1, :, :1]).all()  # scanned at 8 px
+    refused = run_vit("corpus", "synth", str(tmp_path / "x"), *args[:-1], "64")
+    assert refused.returncode == 2 and "scan_size must be between 0" in refused.stderr
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

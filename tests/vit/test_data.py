@@ -211,7 +211,7 @@ def test_crop_area_min_bounds_the_pretraining_crop_and_one_keeps_the_whole_image
     photo = io.BytesIO()
     Image.fromarray(load_sample_images().images[0][:400, :400]).save(photo, format="PNG")  # square, as a glyph
     whole = build_transform("pretrain", 32, flip=False, crop_area_min=1.0)
-    resized = torch.from_numpy(np.asarray(Image.open(photo).convert("RGB").resize((32, 32), Image.BILINEAR)))
+    resized = torch.from_numpy(np.array(Image.open(photo).convert("RGB").resize((32, 32), Image.BILINEAR)))
     for seed in range(5):  # no crop fits at area 1 with another aspect: the fallback is the image itself
         assert torch.equal(whole(photo.getvalue(), np.random.default_rng(seed)), resized.permute(2, 0, 1))
     rng = np.random.default_rng(0)
