@@ -3,7 +3,7 @@
 How to run
 ----------
     .venv/bin/python bench/transfer.py                 # the demo's corpus and recipe, 3 seeds: ~5 min on 2 cores
-    .venv/bin/python bench/transfer.py --seeds 1 --steps 200 --images 2000   # a smoke run: ~30 s
+    .venv/bin/python bench/transfer.py --seeds 1 --steps 200 --images 2000   # smoke run, 15 s (worse than random)
     .venv/bin/python bench/transfer.py --set pretrain_data.synth.style=shapes   # any `vit run` override
 
 What is measured
