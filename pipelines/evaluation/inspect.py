@@ -607,3 +607,26 @@ figure {{ margin: 2em 0; }} img {{ max-width: 100%; }} figcaption {{ color: #444
 {figures}
 </body></html>
 """
+
+
+def log_inspection(
+    tracker, run_id: str, model_uri: str, weights: str, evaluation: EvaluationSet, storage_options: dict | None = None
+) -> tuple[list[str], int]:
+    """What a registered version learned, on ``DEFAULT_NUM_IMAGES`` of its own held-out ``evaluation`` images, as
+    artifacts of its run (``tracker``: a ``pipelines.tracking.Tracker``) under ``INSPECTION_DIR``; returns their
+    paths and the number of images looked at. Tags on the run name the evaluation set, so `vit inspect
+    models:/NAME/VERSION` finds the same images. Logged again (a retried step), the same paths are replaced, never
+    duplicated."""
+    import tempfile
+
+    from pipelines.registry.model_card import INSPECTION_DIR
+
+    tracker.set_tags(run_id, {EVAL_SHARDS_TAG: evaluation.shards, EVAL_SPLIT_TAG: evaluation.split})
+    model = vit.load_model(weights).eval()  # on the CPU: four images through a model the caller already reads
+    with tempfile.TemporaryDirectory(prefix="vit-inspection-") as tmp, torch.inference_mode():
+        images = evaluation_images(evaluation, model.config.img_size, storage_options=storage_options)
+        inspect_model(model, images, tmp, source=model_uri)
+        written = sorted(path.name for path in Path(tmp).iterdir())
+        for name in written:
+            tracker.log_file(run_id, str(Path(tmp) / name), INSPECTION_DIR)
+    return [f"{INSPECTION_DIR}/{name}" for name in written], len(images.names)

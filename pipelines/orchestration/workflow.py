@@ -538,41 +538,20 @@ class _Runner:
         return outputs
 
     def _log_inspection(self, version, weights: str, shards: str, options: dict) -> list[str]:
-        """What the version learned (`vit inspect`: the paper's Figs. 6 and 7 and their numbers), on a few of its own
-        held-out evaluation images, as artifacts of the version's run under ``inspection/``; returns their paths.
-        Tags on that run name the evaluation set, so `vit inspect models:/NAME/VERSION` finds the same images.
-        A retried step writes the same paths again: artifacts are replaced, never duplicated."""
-        import tempfile
-
-        import torch
-
-        import vit
-        from pipelines.evaluation.inspect import (
-            EVAL_SHARDS_TAG,
-            EVAL_SPLIT_TAG,
-            EvaluationSet,
-            evaluation_images,
-            inspect_model,
-        )
-        from pipelines.registry.model_card import INSPECTION_DIR
+        """`vit inspect` of the version on a few of the test images it was evaluated on, logged on its run."""
+        from pipelines.evaluation.inspect import EvaluationSet, log_inspection
 
         ev, tuned = self.cfg.evaluate, self.outputs["finetune"]
-        self.tracker.set_tags(version.run_id, {EVAL_SHARDS_TAG: shards, EVAL_SPLIT_TAG: ev.split})
         evaluation = EvaluationSet(
             shards=shards,
             split=ev.split,
             recorded_in="the pipeline's evaluate step",
             resize_size=ev.resize_size or tuned.get("resize_size"),  # as the evaluate step resized
         )
-        model = vit.load_model(weights).eval()  # on the CPU: four images through a model the driver already reads
-        with tempfile.TemporaryDirectory(prefix="vit-inspection-") as tmp, torch.inference_mode():
-            images = evaluation_images(evaluation, model.config.img_size, storage_options=options)
-            inspect_model(model, images, tmp, source=f"models:/{self.cfg.register.model_name}/{version.version}")
-            written = sorted(p.name for p in Path(tmp).iterdir())
-            for name in written:
-                self.tracker.log_file(version.run_id, str(Path(tmp) / name), INSPECTION_DIR)
-        self.log(f"      inspection of {len(images.names)} {ev.split} images: {INSPECTION_DIR}/inspection.html")
-        return [f"{INSPECTION_DIR}/{name}" for name in written]
+        uri = f"models:/{self.cfg.register.model_name}/{version.version}"
+        logged, images = log_inspection(self.tracker, version.run_id, uri, weights, evaluation, options)
+        self.log(f"      inspection of {images} {ev.split} images: {logged[0].rsplit('/', 1)[0]}/inspection.html")
+        return logged
 
     def _model_card(self, version, weights: str, classes: list[str], inspection: list[str]):
         """The facts of the registered version's card, from the steps' outputs and the config (``model_card``)."""
