@@ -15,10 +15,12 @@ shots from, 360 to test), of the frozen representation of
 * ``random``: the pretraining architecture (the demo's ViT-Mu/8 with its representation layer) as initialised
   with the seed, never trained;
 * ``pretrained``: the same initialisation after the demo config's pretraining (``pipelines/configs/local.yaml``:
-  corpus, model, steps, batch, optimiser, schedule, augmentation, sigmoid loss on the noisy multi-labels).
+  corpus, model, steps, batch, optimiser, schedule, augmentation, and the loss the trainer picks for the
+  labels: softmax when every image has one, sigmoid on multi-labels).
 
-The pretraining corpus is generated in memory with ``synth_corpus``'s own functions and seeds (the same pixels as
-``vit corpus synth``; the shapes style skips its JPEG round trip) and the pretraining runs in this one process
+The pretraining corpus and the digits are written in memory (``memory://``) by the pipeline's own ``synth_corpus``
+and ``import_digits``, with the config's settings (the same bytes as `vit run` writes), and the pretraining runs in
+this one process
 (``vit.train.train_step``, the same step as every Ray Train worker): the pipeline's data-parallel run reads the
 images in another order, so its figures differ within seed noise. Each seed changes the initialisation, the data
 order and the augmentation; every model's few-shot figure is the mean over ``--shot-draws`` draws of the shots.
@@ -33,7 +35,9 @@ embeddings of a row or a column are than others as far apart, and the mean atten
 from __future__ import annotations
 
 import argparse
-import io
+import dataclasses
+import json
+import os
 import statistics
 import sys
 import time
@@ -41,13 +45,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 from harness import print_table  # noqa: E402  (bench/ is not a package)
 
 import vit  # noqa: E402
-from pipelines.data.corpus import plan_labels, render_image  # noqa: E402
-from pipelines.data.glyphs import glyph_taxonomy, render_glyph  # noqa: E402
-from pipelines.data.synth import synth_taxonomy  # noqa: E402
+from pipelines.common.storage import filesystem  # noqa: E402
+from pipelines.data.corpus import import_digits, synth_corpus  # noqa: E402
 from pipelines.orchestration.config import load_pipeline_config  # noqa: E402
 from vit.analysis import fig7_statistics  # noqa: E402
 from vit.data import build_transform, normalize, sample_rng  # noqa: E402
@@ -55,56 +59,43 @@ from vit.evaluate import fewshot_accuracy  # noqa: E402
 from vit.train import build_optimizer, lr_at, train_step  # noqa: E402
 
 
+def _written(url: str) -> tuple[list[dict], list[bytes]]:
+    """A corpus written here: its label table's rows and each row's image bytes, in the table's order."""
+    fs, root = filesystem(url)
+    with fs.open(f"{root}/labels.parquet", "rb") as f:
+        rows = pq.read_table(f).to_pylist()
+    data = fs.cat([f"{root}/{row['path']}" for row in rows])
+    return rows, [data[f"{root}/{row['path']}"] for row in rows]
+
+
 def corpus(cfg, images: int) -> tuple[list[bytes], torch.Tensor, int]:
-    """The pretraining corpus of the config (``images`` of them), as encoded images and multi-hot labels."""
-    s = cfg.pretrain_data.synth
-    glyphs = s.style == "glyphs"
-    taxonomy = (glyph_taxonomy if glyphs else synth_taxonomy)(s.classes)
-    k = len(taxonomy.classes)
-    single_label = glyphs and not s.superclass_labels  # one label an image: softmax, as the trainer picks it
-    targets = (
-        torch.zeros(images, dtype=torch.long) if single_label else torch.zeros(images, k + len(taxonomy.superclasses))
-    )
-    encoded = []
-    for index in range(images):
-        rng = np.random.default_rng([s.seed, index])
-        shown, leaves = plan_labels(rng, k, (1, 1) if glyphs else (1, 3), s.label_noise)
-        for c in leaves:
-            if single_label:
-                targets[index] = c
-            else:
-                targets[index, c] = 1.0
-                if s.superclass_labels:
-                    targets[index, k + taxonomy.classes[c].superclass] = 1.0
-        buffer = io.BytesIO()
-        if glyphs:
-            render_glyph(rng, taxonomy.classes[shown[0]], s.image_size, s.scan_size).save(buffer, format="PNG")
-        else:
-            render_image(rng, shown, taxonomy, s.image_size).save(buffer, format="PNG")
-        encoded.append(buffer.getvalue())
-    return encoded, targets, k + len(taxonomy.superclasses)
+    """The config's pretraining corpus (``images`` of them) as ``synth_corpus`` writes it, in memory: the encoded
+    images, and their targets as the trainer makes them (class ids when every image has one label, else multi-hot)."""
+    url = f"memory://transfer-bench-{os.getpid()}/synth"
+    synth_corpus(url, **{**dataclasses.asdict(cfg.pretrain_data.synth), "images": images}, overwrite=True)
+    rows, encoded = _written(url)
+    fs, root = filesystem(url)
+    num_classes = len(json.loads(fs.cat_file(f"{root}/classes.json")))
+    if all(len(row["label_ids"]) == 1 for row in rows):
+        return encoded, torch.tensor([row["label_ids"][0] for row in rows]), num_classes
+    targets = torch.zeros(len(rows), num_classes)
+    for index, row in enumerate(rows):
+        targets[index, row["label_ids"]] = 1.0
+    return encoded, targets, num_classes
 
 
 def digits(cfg) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The bundled digits as the pipeline imports and evaluates them: 4x nearest upscale, its split, eval crop."""
-    from PIL import Image
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    data = load_digits()
-    pixels = np.rint(data.images * (255 / 16)).astype(np.uint8)
-    _, test = train_test_split(np.arange(len(pixels)), test_size=0.2, stratify=data.target, random_state=0)
-    is_test = np.zeros(len(pixels), bool)
-    is_test[test] = True
-    ft = cfg.finetune.data  # the evaluate step's crop: its own resize_size, else the fine-tuning's
+    """The bundled digits as the pipeline imports (``import_digits``: its split) and evaluates them (the evaluate
+    step's crop: its own resize_size, else the fine-tuning's): the train split's pixels and labels, then the test's."""
+    url = f"memory://transfer-bench-{os.getpid()}/digits"
+    import_digits(url, overwrite=True)
+    rows, encoded = _written(url)
+    ft = cfg.finetune.data
     transform = build_transform("eval", ft.image_size, cfg.evaluate.resize_size or ft.resize_size)
-    batch = []
-    for image in pixels:
-        buffer = io.BytesIO()
-        Image.fromarray(image).resize((32, 32), Image.NEAREST).convert("RGB").save(buffer, format="PNG")
-        batch.append(transform(buffer.getvalue()))
-    x, y = torch.stack(batch), torch.as_tensor(data.target)
-    return x[~is_test], y[~is_test], x[is_test], y[is_test]
+    pixels = torch.stack([transform(data) for data in encoded])
+    labels = torch.tensor([row["primary_class"] for row in rows])
+    test = torch.tensor([row["split"] == "test" for row in rows])
+    return pixels[~test], labels[~test], pixels[test], labels[test]
 
 
 @torch.no_grad()

@@ -63,17 +63,15 @@ def run_command(
     if "eval/top1" in metrics:
         click.echo(f"held-out top-1     {metrics['eval/top1']:.2%}  ({int(metrics.get('eval/images', 0))} test images)")
         click.echo(f"held-out top-5     {metrics['eval/top5']:.2%}")
-    fewshot = "  ".join(f"{k.split('/')[1]} {v:.1%}" for k, v in metrics.items() if k.startswith("fewshot/"))
-    if fewshot:
-        click.echo(f"few-shot linear    {fewshot}  (frozen features)")
+    if _shots(metrics):
+        click.echo(f"few-shot linear    {_shots(metrics)}  (frozen features)")
     # What the pretraining transferred (the evaluate step): its frozen features against the same ViT never trained.
     for prefix, label, what in (
         ("pretrained/", "  pretrained", "the pretrained model, before fine-tuning"),
         ("random_init/", "  random init", "the same ViT, never trained"),
     ):
-        shots = "  ".join(f"{k.rsplit('/', 1)[1]} {v:.1%}" for k, v in metrics.items() if k.startswith(prefix))
-        if shots:
-            click.echo(f"{label:<19}{shots}  ({what})")
+        if _shots(metrics, prefix):
+            click.echo(f"{label:<19}{_shots(metrics, prefix)}  ({what})")
     spent = ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items())
     cached = f"; cached: {', '.join(result.cached)}" if result.cached else ""
     click.echo(f"time               {time.perf_counter() - started:.0f} s  ({spent or 'nothing to do'}{cached})")
@@ -155,6 +153,11 @@ def finetune(config_path: str | None, address: str | None, overrides: tuple[str,
     ``init_from`` names the weights: a pretraining run folder, a checkpoint folder, or a file.
     """
     _train_command("finetune", config_path, overrides, address)
+
+
+def _shots(metrics: dict[str, float], prefix: str = "") -> str:
+    """``1shot 91.1%  5shot 96.9%``: the ``{prefix}fewshot/<k>shot`` metrics on one line."""
+    return "  ".join(f"{k.rsplit('/', 1)[1]} {v:.1%}" for k, v in metrics.items() if k.startswith(prefix + "fewshot/"))
 
 
 @click.command("evaluate")

@@ -53,6 +53,8 @@ def load_pipeline_config(config: str | None, overrides: Sequence[str] = ()) -> P
 
 @dataclass(kw_only=True)
 class SynthCorpusConfig:
+    """`synth_corpus`'s settings, by their argument names (the corpus step passes them all)."""
+
     images: int = 6000
     classes: int = 10
     image_size: int = 32

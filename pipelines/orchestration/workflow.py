@@ -352,20 +352,9 @@ class _Runner:
                 dst = self.path("corpus", "synth")
                 kind = "handwritten glyphs" if s.style == "glyphs" else "drawn shapes"
                 self.log(f"{label}: a synthetic JFT-style corpus of {kind}, {s.images} images of {s.classes} classes")
+                # every field of the config is an argument of synth_corpus, under the same name
                 synth_corpus(
-                    dst,
-                    images=s.images,
-                    classes=s.classes,
-                    image_size=s.image_size,
-                    label_noise=s.label_noise,
-                    seed=s.seed,
-                    style=s.style,
-                    scan_size=s.scan_size,
-                    superclasses=s.superclasses,
-                    superclass_labels=s.superclass_labels,
-                    workers=2,
-                    storage_options=self.cfg.storage_options,
-                    overwrite=True,
+                    dst, **dataclasses.asdict(s), workers=2, storage_options=self.cfg.storage_options, overwrite=True
                 )
             elif data.source == "digits":
                 dst = self.path("corpus", "digits")
@@ -467,8 +456,7 @@ class _Runner:
             # what the pretraining added: its frozen features few-shot, against the architecture at random init
             pretrained=self.outputs.get("pretrain", {}).get("checkpoint", ""),
         )
-        if cfg.resize_size is None:  # evaluated as it was fine-tuned
-            cfg.resize_size = tuned.get("resize_size")
+        cfg.resize_size = self._evaluation_resize()
         tags = {"vit.finetune_run_id": tuned["mlflow_run_id"]} if tuned.get("mlflow_run_id") else {}
         # on a GPU worker when the cluster has one: the driver that runs this step usually has none
         result = run_evaluation(cfg, log=self._indent, parent_run_id=self.parent_id, tags=tags, on_cluster=True)
@@ -537,20 +525,20 @@ class _Runner:
         })  # fmt: skip
         return outputs
 
+    def _evaluation_resize(self) -> int | None:
+        """What the evaluate step resizes to before its central crop: its own setting, else as fine-tuned."""
+        return self.cfg.evaluate.resize_size or self.outputs["finetune"].get("resize_size")
+
     def _log_inspection(self, version, weights: str, shards: str, options: dict) -> list[str]:
         """`vit inspect` of the version on a few of the test images it was evaluated on, logged on its run."""
         from pipelines.evaluation.inspect import EvaluationSet, log_inspection
+        from pipelines.registry.model_card import INSPECTION_DIR
 
-        ev, tuned = self.cfg.evaluate, self.outputs["finetune"]
-        evaluation = EvaluationSet(
-            shards=shards,
-            split=ev.split,
-            recorded_in="the pipeline's evaluate step",
-            resize_size=ev.resize_size or tuned.get("resize_size"),  # as the evaluate step resized
-        )
+        split = self.cfg.evaluate.split
+        evaluation = EvaluationSet(shards, split, "the pipeline's evaluate step", self._evaluation_resize())
         uri = f"models:/{self.cfg.register.model_name}/{version.version}"
         logged, images = log_inspection(self.tracker, version.run_id, uri, weights, evaluation, options)
-        self.log(f"      inspection of {images} {ev.split} images: {logged[0].rsplit('/', 1)[0]}/inspection.html")
+        self.log(f"      inspection of {images} {split} images: {INSPECTION_DIR}/inspection.html")
         return logged
 
     def _model_card(self, version, weights: str, classes: list[str], inspection: list[str]):
